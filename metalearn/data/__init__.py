@@ -1,0 +1,26 @@
+"""Dataset loaders that build on-device class pools (host side, run once)."""
+
+from metalearn.data._common import (
+    CACHE_DIR_ENV,
+    DATA_DIR_ENV,
+    DatasetNotFoundError,
+    DatasetSplits,
+    make_pool,
+    resize_images,
+    resolve_data_dir,
+)
+from metalearn.data._omniglot import load_omniglot, with_rotations
+from metalearn.data._omniglot import split_names as omniglot_split_names
+
+__all__ = (
+    "CACHE_DIR_ENV",
+    "DATA_DIR_ENV",
+    "DatasetNotFoundError",
+    "DatasetSplits",
+    "load_omniglot",
+    "make_pool",
+    "omniglot_split_names",
+    "resize_images",
+    "resolve_data_dir",
+    "with_rotations",
+)
