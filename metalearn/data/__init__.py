@@ -9,6 +9,7 @@ from metalearn.data._common import (
     resize_images,
     resolve_data_dir,
 )
+from metalearn.data._miniimagenet import load_mini_imagenet
 from metalearn.data._omniglot import load_omniglot, with_rotations
 from metalearn.data._omniglot import split_names as omniglot_split_names
 
@@ -17,6 +18,7 @@ __all__ = (
     "DATA_DIR_ENV",
     "DatasetNotFoundError",
     "DatasetSplits",
+    "load_mini_imagenet",
     "load_omniglot",
     "make_pool",
     "omniglot_split_names",
