@@ -4,6 +4,7 @@ import io
 import json
 import pathlib
 import re
+import uuid
 import zipfile
 from importlib import resources
 from typing import NamedTuple
@@ -39,7 +40,7 @@ config field `task.data_dir`, or the environment variable METALEARN_DATA_DIR):
     layout, see README.md), or
   - images_background.zip and images_evaluation.zip from
     github.com/brendenlake/omniglot (python/), zipped or extracted, or
-  - a prepared TFDS `omniglot` under {root}/tensorflow_datasets."""
+  - a prepared TFDS `omniglot` under {tfds_dir}."""
 
 
 class OmniglotCharacters(NamedTuple):
@@ -173,9 +174,12 @@ def read_all(root: pathlib.Path, *, verify: bool = True) -> OmniglotCharacters:
         sum((p.names for p in parts), ()),
         np.concatenate([p.global_ids for p in parts]).astype(np.int32),
     )
-  if (root.parent / "tensorflow_datasets" / "omniglot").is_dir():
-    return read_tfds(root.parent / "tensorflow_datasets")
-  raise _common.DatasetNotFoundError(MISSING_MESSAGE.format(root=root))
+  tfds_dir = root.parent / "tensorflow_datasets"
+  if (tfds_dir / "omniglot").is_dir():
+    return read_tfds(tfds_dir)
+  raise _common.DatasetNotFoundError(
+      MISSING_MESSAGE.format(root=root, tfds_dir=tfds_dir)
+  )
 
 
 def split_names(scheme: str) -> dict[str, list[str]]:
@@ -221,7 +225,9 @@ def _resized_characters(
   chars = chars._replace(images=_common.resize_images(chars.images, image_size))
   if cache is not None:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.name + ".tmp.npz")
+    # A temporary name of its own, so that concurrent writers (parallel jobs
+    # sharing a cache) do not write into or rename away each other's file.
+    tmp = cache.with_name(f"{cache.name}.{uuid.uuid4().hex}.tmp.npz")
     np.savez(
         tmp,
         images=chars.images,

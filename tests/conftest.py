@@ -1,0 +1,89 @@
+"""Shared fixtures: the data directory and Omniglot loaded once per session.
+
+The data directory comes from ``$METALEARN_DATA_DIR`` (CI sets it to
+``../shared/data``); when unset, it defaults to ``../shared/data`` next to the
+repository. Nothing is skipped: a missing directory fails with a message.
+Every cache the loaders write goes to a temporary directory, never to ``~``.
+"""
+
+import functools
+import os
+import pathlib
+
+import pytest
+
+from metalearn.data import CACHE_DIR_ENV, DATA_DIR_ENV, load_omniglot
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+
+def _find_data_dir() -> pathlib.Path:
+  configured = os.environ.get(DATA_DIR_ENV)
+  if configured is None:
+    candidates = [DEFAULT_DATA_DIR]
+  else:
+    path = pathlib.Path(configured).expanduser()
+    # A relative path is relative to the working directory (as the library
+    # reads it), or else to the repository root (as CI writes it).
+    candidates = [path] if path.is_absolute() else [path, REPO_ROOT / path]
+  for candidate in candidates:
+    if (candidate / "omniglot").is_dir():
+      return candidate.resolve()
+  source = (
+      f"${DATA_DIR_ENV}={configured!r}" if configured is not None
+      else f"the default {DEFAULT_DATA_DIR} (${DATA_DIR_ENV} is unset)"
+  )
+  pytest.fail(
+      f"Test data not found: no omniglot/ folder under {source}; tried "
+      f"{', '.join(str(c) for c in candidates)}. Set {DATA_DIR_ENV} to the "
+      "shared data directory (the one holding omniglot/).",
+      pytrace=False,
+  )
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+  """The directory that holds ``omniglot/`` (and the other datasets)."""
+  return _find_data_dir()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> pathlib.Path:
+  """One cache directory for the session, shared by every loader call."""
+  return tmp_path_factory.mktemp("metalearn_cache")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_in_tmp(cache_dir):
+  """Points ``$METALEARN_CACHE_DIR`` at the session cache, away from ``~``."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv(CACHE_DIR_ENV, str(cache_dir))
+    yield
+
+
+@pytest.fixture(scope="session")
+def load_real_omniglot(data_dir, cache_dir):
+  """``load_omniglot`` bound to the real data and the session cache.
+
+  The first call resizes all 1623 characters (a few seconds) and caches them;
+  later calls, with any split scheme or rotation setting, read that cache.
+  """
+  return functools.partial(load_omniglot, data_dir, cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def omniglot(load_real_omniglot):
+  """Omniglot, Vinyals split, with rotations, 28x28: 4112/688/1692 classes."""
+  return load_real_omniglot(
+      split_scheme="vinyals", rotations=True, image_size=28
+  )
+
+
+@pytest.fixture(scope="session")
+def omniglot_finn(load_real_omniglot, omniglot):
+  """Omniglot, Finn split, without rotations, 28x28: 1100/100/423 classes."""
+  del omniglot  # Requested so that the resized cache already exists.
+  return load_real_omniglot(
+      split_scheme="finn", rotations=False, image_size=28
+  )
