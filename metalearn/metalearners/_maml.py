@@ -1,0 +1,312 @@
+"""MAML and its family: first-order MAML, ANIL, Meta-SGD and Reptile."""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from metalearn.metalearners._base import MetaLearner, make_learner, task_loss
+from metalearn.models import Model
+from metalearn.types import Episode
+
+PyTree = Any
+
+
+class MetaSGDParams(NamedTuple):
+  """Meta-SGD's meta-parameters: an initialisation and a learning rate per
+  parameter, both meta-learned."""
+
+  model: PyTree
+  inner_lr: PyTree
+
+
+def _check(inner_lr, num_inner_steps, name="inner"):
+  if not inner_lr > 0:
+    raise ValueError(f"{name}_lr must be > 0, got {inner_lr}")
+  if not isinstance(num_inner_steps, int) or num_inner_steps < 0:
+    raise ValueError(
+        f"num_{name}_steps must be an int >= 0, got {num_inner_steps!r}"
+    )
+
+
+def inner_sgd(
+    model: Model,
+    params: PyTree,
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    inner_lr: float | PyTree,
+    num_steps: int,
+    first_order: bool = False,
+    trainable: str | None = None,
+) -> PyTree:
+  """Gradient descent on one task's data, as a ``lax.scan``.
+
+  Args:
+    model: the network.
+    params: the starting parameters (a nested dict).
+    x: inputs.
+    y: targets (int labels or float regression targets).
+    inner_lr: a step size, or a pytree of step sizes shaped like the
+      trainable parameters (Meta-SGD).
+    num_steps: number of steps (static).
+    first_order: stop the gradient through the inner gradients, which drops
+      the second-order (Hessian) term of the meta-gradient.
+    trainable: ``None`` to adapt every parameter, or the name of the one
+      top-level sub-tree to adapt (``"head"`` for ANIL); the rest is held
+      fixed.
+
+  Returns:
+    The adapted parameters.
+  """
+  if trainable is None:
+    fast, frozen = params, None
+  else:
+    fast = params[trainable]
+    frozen = {k: v for k, v in params.items() if k != trainable}
+
+  def join(fast):
+    return fast if frozen is None else {**frozen, trainable: fast}
+
+  def loss_fn(fast):
+    return task_loss(model.apply(join(fast), x), y, prefix="inner/")[0]
+
+  def step(fast, _):
+    grads = jax.grad(loss_fn)(fast)
+    if first_order:
+      grads = jax.lax.stop_gradient(grads)
+    if isinstance(inner_lr, (int, float)):
+      fast = jax.tree.map(lambda p, g: p - inner_lr * g, fast, grads)
+    else:
+      fast = jax.tree.map(lambda p, g, a: p - a * g, fast, grads, inner_lr)
+    return fast, None
+
+  fast, _ = jax.lax.scan(step, fast, None, length=num_steps)
+  return join(fast)
+
+
+def _evaluate(model):
+  def evaluate(meta_params, task_params, episode: Episode):
+    del meta_params
+    return task_loss(model.apply(task_params, episode.query_x),
+                     episode.query_y)
+
+  return evaluate
+
+
+def _init(model):
+  def init(key, episode: Episode):
+    return model.init(key, episode.support_x)
+
+  return init
+
+
+def maml(
+    model: Model,
+    inner_lr: float = 0.4,
+    num_inner_steps: int = 1,
+    *,
+    first_order: bool = False,
+    eval_inner_lr: float | None = None,
+    eval_num_inner_steps: int | None = None,
+    adapt_only: str | None = None,
+) -> MetaLearner:
+  r"""Model-Agnostic Meta-Learning.
+
+  Learns an initialisation :math:`\theta` from which a few steps of gradient
+  descent on a task's support set give low loss on its query set:
+
+  .. math::
+    \phi = \theta - \alpha \nabla_\theta L_{support}(\theta), \qquad
+    \min_\theta \; \mathbb{E}_\tau \, L_{query}(\phi).
+
+  The meta-gradient differentiates through the inner steps (second order);
+  ``first_order=True`` stops the gradient through the inner gradients,
+  which drops the Hessian term (first-order MAML).
+
+  Args:
+    model: the network; its output size is the number of ways.
+    inner_lr: the inner step size :math:`\alpha` during meta-training.
+    num_inner_steps: inner steps during meta-training.
+    first_order: use the first-order approximation.
+    eval_inner_lr: the step size at meta-test time (default: ``inner_lr``).
+    eval_num_inner_steps: inner steps at meta-test time (default:
+      ``num_inner_steps``; Finn et al. use 10 on Mini-ImageNet).
+    adapt_only: adapt only this top-level parameter sub-tree (``"head"`` is
+      ANIL); ``None`` adapts everything.
+
+  Returns:
+    A :class:`MetaLearner` whose meta-parameters are the model's params.
+
+  Examples:
+    >>> import jax
+    >>> from metalearn import models, tasks
+    >>> sampler = tasks.sinusoid_sampler(num_shots=10, num_queries=10)
+    >>> ep = sampler.sample(jax.random.key(0), None)
+    >>> learner = maml(models.mlp(), inner_lr=0.01, num_inner_steps=1)
+    >>> params = learner.init(jax.random.key(1), ep)
+    >>> grads, metrics = learner.meta_grad(params, ep, jax.random.key(2))
+    >>> sorted(metrics)
+    ['outer/loss']
+
+  References:
+    Finn, Abbeel & Levine, `Model-Agnostic Meta-Learning for Fast Adaptation
+    of Deep Networks <https://arxiv.org/abs/1703.03400>`_, 2017.
+  """
+  _check(inner_lr, num_inner_steps)
+  eval_inner_lr = inner_lr if eval_inner_lr is None else eval_inner_lr
+  eval_num_inner_steps = (
+      num_inner_steps if eval_num_inner_steps is None else eval_num_inner_steps
+  )
+  _check(eval_inner_lr, eval_num_inner_steps, "eval_inner")
+
+  def adapt(meta_params, episode: Episode, key, training: bool = True):
+    del key
+    return inner_sgd(
+        model,
+        meta_params,
+        episode.support_x,
+        episode.support_y,
+        inner_lr=inner_lr if training else eval_inner_lr,
+        num_steps=num_inner_steps if training else eval_num_inner_steps,
+        first_order=first_order or not training,
+        trainable=adapt_only,
+    )
+
+  return make_learner(_init(model), adapt, _evaluate(model))
+
+
+def anil(
+    model: Model,
+    inner_lr: float = 0.4,
+    num_inner_steps: int = 1,
+    *,
+    first_order: bool = False,
+    eval_inner_lr: float | None = None,
+    eval_num_inner_steps: int | None = None,
+) -> MetaLearner:
+  """Almost No Inner Loop: MAML that adapts only the final layer.
+
+  The body is meta-learned as a feature extractor; only the parameters
+  under ``"head"`` change in the inner loop. Arguments are as in
+  :func:`maml`.
+
+  References:
+    Raghu, Raghu, Bengio & Vinyals, `Rapid Learning or Feature Reuse?
+    Towards Understanding the Effectiveness of MAML
+    <https://arxiv.org/abs/1909.09157>`_, 2020.
+  """
+  return maml(
+      model,
+      inner_lr,
+      num_inner_steps,
+      first_order=first_order,
+      eval_inner_lr=eval_inner_lr,
+      eval_num_inner_steps=eval_num_inner_steps,
+      adapt_only="head",
+  )
+
+
+def metasgd(
+    model: Model,
+    inner_lr: float = 0.4,
+    num_inner_steps: int = 1,
+    *,
+    first_order: bool = False,
+    eval_num_inner_steps: int | None = None,
+) -> MetaLearner:
+  r"""Meta-SGD: MAML with a meta-learned step size for every parameter.
+
+  The inner update is :math:`\phi = \theta - \alpha \odot \nabla L(\theta)`
+  with :math:`\alpha` a pytree shaped like :math:`\theta`, initialised to
+  ``inner_lr`` and meta-learned together with :math:`\theta`.
+
+  Args:
+    model: the network.
+    inner_lr: the initial value of every per-parameter step size.
+    num_inner_steps: inner steps (Li et al. use 1).
+    first_order: drop second-order terms.
+    eval_num_inner_steps: inner steps at meta-test time.
+
+  Returns:
+    A :class:`MetaLearner` whose meta-parameters are
+    :class:`MetaSGDParams`.
+
+  References:
+    Li, Zhou, Chen & Li, `Meta-SGD: Learning to Learn Quickly for Few-Shot
+    Learning <https://arxiv.org/abs/1707.09835>`_, 2017.
+  """
+  _check(inner_lr, num_inner_steps)
+  eval_num_inner_steps = (
+      num_inner_steps if eval_num_inner_steps is None else eval_num_inner_steps
+  )
+  _check(inner_lr, eval_num_inner_steps, "eval_inner")
+
+  def init(key, episode: Episode):
+    params = model.init(key, episode.support_x)
+    lrs = jax.tree.map(lambda p: jnp.full_like(p, inner_lr), params)
+    return MetaSGDParams(params, lrs)
+
+  def adapt(meta_params, episode: Episode, key, training: bool = True):
+    del key
+    return inner_sgd(
+        model,
+        meta_params.model,
+        episode.support_x,
+        episode.support_y,
+        inner_lr=meta_params.inner_lr,
+        num_steps=num_inner_steps if training else eval_num_inner_steps,
+        first_order=first_order or not training,
+    )
+
+  return make_learner(init, adapt, _evaluate(model))
+
+
+def reptile(
+    model: Model,
+    inner_lr: float = 0.001,
+    num_inner_steps: int = 5,
+    *,
+    eval_inner_lr: float | None = None,
+    eval_num_inner_steps: int | None = None,
+) -> MetaLearner:
+  r"""Reptile: move the initialisation towards the task-adapted weights.
+
+  Its meta-gradient estimate for one task is :math:`\theta - \phi`, where
+  :math:`\phi` is the result of ``num_inner_steps`` of SGD on the support
+  set; averaged over tasks and applied with ``optax.sgd(epsilon)`` this is
+  the batched Reptile update :math:`\theta \leftarrow \theta + \epsilon\,
+  \mathrm{mean}_\tau(\phi_\tau - \theta)`. No gradient flows through the
+  inner loop.
+
+  Args:
+    model: the network.
+    inner_lr: inner SGD step size.
+    num_inner_steps: inner steps during meta-training.
+    eval_inner_lr: step size at meta-test time.
+    eval_num_inner_steps: inner steps at meta-test time.
+
+  Returns:
+    A :class:`MetaLearner`; its metrics score the adapted weights on the
+    query set.
+
+  References:
+    Nichol, Achiam & Schulman, `On First-Order Meta-Learning Algorithms
+    <https://arxiv.org/abs/1803.02999>`_, 2018.
+  """
+  base = maml(
+      model,
+      inner_lr,
+      num_inner_steps,
+      first_order=True,
+      eval_inner_lr=eval_inner_lr,
+      eval_num_inner_steps=eval_num_inner_steps,
+  )
+
+  def meta_grad(meta_params, episode: Episode, key):
+    adapted = jax.lax.stop_gradient(base.adapt(meta_params, episode, key))
+    _, metrics = base.evaluate(meta_params, adapted, episode)
+    grads = jax.tree.map(jnp.subtract, meta_params, adapted)
+    return grads, metrics
+
+  return base._replace(meta_grad=meta_grad)

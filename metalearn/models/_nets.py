@@ -1,0 +1,200 @@
+"""The standard few-shot networks: Conv-4 variants, ResNet-12, sinusoid MLP."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from metalearn.models._base import Model, from_flax
+from metalearn.models._conv import conv2d
+from metalearn.models._layers import BatchNorm, max_pool_2x2
+
+_DOWNSAMPLE = ("max_pool", "stride")
+
+
+class ConvBlock(nn.Module):
+  """3x3 convolution, per-batch BatchNorm, ReLU, then 2x downsampling."""
+
+  features: int
+  downsample: str = "max_pool"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    stride = 2 if self.downsample == "stride" else 1
+    x = nn.Conv(
+        self.features,
+        (3, 3),
+        strides=stride,
+        padding="SAME",
+        conv_general_dilated=conv2d,
+    )(x)
+    x = nn.relu(BatchNorm()(x))
+    if self.downsample == "max_pool":
+      x = max_pool_2x2(x)
+    return x
+
+
+class Conv4(nn.Module):
+  """The four-block convolutional network of the few-shot literature.
+
+  Attributes:
+    num_outputs: size of the linear ``head``; ``None`` returns the flattened
+      features (an embedding, as Prototypical Networks use).
+    features: filters per block (64 for Omniglot, 32 for MAML on
+      Mini-ImageNet).
+    downsample: ``"max_pool"`` (2x2 max-pooling after each block; features
+      are flattened) or ``"stride"`` (stride-2 convolutions; features are
+      averaged over space), the variant Finn et al. use on Omniglot.
+  """
+
+  num_outputs: int | None
+  features: int = 64
+  downsample: str = "max_pool"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in range(4):
+      x = ConvBlock(self.features, self.downsample, name=f"block{i}")(x)
+    if self.downsample == "stride":
+      x = x.mean(axis=(-3, -2))
+    else:
+      x = x.reshape(*x.shape[:-3], -1)
+    if self.num_outputs is not None:
+      x = nn.Dense(self.num_outputs, name="head")(x)
+    return x
+
+
+def conv4(
+    num_outputs: int | None,
+    *,
+    features: int = 64,
+    downsample: str = "max_pool",
+) -> Model:
+  """Conv-4 as a pure :class:`Model`.
+
+  The standard forms: ``conv4(N, downsample="stride")`` for MAML on
+  Omniglot (Finn et al., 2017); ``conv4(N, features=32)`` for MAML on
+  Mini-ImageNet; ``conv4(None)`` for the Prototypical Networks embedding
+  (Snell et al., 2017).
+
+  Args:
+    num_outputs: classes of the linear head, or ``None`` for an embedding.
+    features: filters per block.
+    downsample: ``"max_pool"`` or ``"stride"``.
+
+  Returns:
+    The model; params are ``{"block0".."block3", "head"}``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> m = conv4(5, downsample="stride")
+    >>> x = jnp.zeros((10, 28, 28, 1))
+    >>> m.apply(m.init(jax.random.key(0), x), x).shape
+    (10, 5)
+
+  References:
+    Vinyals et al., `Matching Networks for One Shot Learning
+    <https://arxiv.org/abs/1606.04080>`_, 2016.
+  """
+  if downsample not in _DOWNSAMPLE:
+    raise ValueError(
+        f"downsample must be one of {_DOWNSAMPLE}, got {downsample!r}"
+    )
+  if num_outputs is not None and num_outputs < 1:
+    raise ValueError(f"num_outputs must be >= 1 or None, got {num_outputs}")
+  return from_flax(Conv4(num_outputs, features, downsample))
+
+
+class MLP(nn.Module):
+  """A ReLU multilayer perceptron with a linear ``head``."""
+
+  hidden: Sequence[int]
+  num_outputs: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i, width in enumerate(self.hidden):
+      x = nn.relu(nn.Dense(width, name=f"dense{i}")(x))
+    return nn.Dense(self.num_outputs, name="head")(x)
+
+
+def mlp(num_outputs: int = 1, hidden: Sequence[int] = (40, 40)) -> Model:
+  """The 40-40 ReLU network of Finn et al.'s sinusoid regression.
+
+  Args:
+    num_outputs: output size.
+    hidden: widths of the hidden layers.
+
+  Returns:
+    The model.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> m = mlp()
+    >>> x = jnp.zeros((10, 1))
+    >>> m.apply(m.init(jax.random.key(0), x), x).shape
+    (10, 1)
+  """
+  return from_flax(MLP(tuple(hidden), num_outputs))
+
+
+class ResBlock(nn.Module):
+  """ResNet-12 block: three 3x3 convs, a 1x1 shortcut, 2x2 max-pooling."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shortcut = BatchNorm()(nn.Conv(
+        self.features, (1, 1), use_bias=False, conv_general_dilated=conv2d
+    )(x))
+    for i in range(3):
+      x = nn.Conv(
+          self.features,
+          (3, 3),
+          padding="SAME",
+          use_bias=False,
+          conv_general_dilated=conv2d,
+      )(x)
+      x = BatchNorm()(x)
+      if i < 2:
+        x = nn.leaky_relu(x, 0.1)
+    return max_pool_2x2(nn.leaky_relu(x + shortcut, 0.1))
+
+
+class ResNet12(nn.Module):
+  """ResNet-12 (Oreshkin et al., 2018; Lee et al., 2019)."""
+
+  num_outputs: int | None
+  widths: Sequence[int] = (64, 160, 320, 640)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i, width in enumerate(self.widths):
+      x = ResBlock(width, name=f"block{i}")(x)
+    x = jnp.mean(x, axis=(-3, -2))
+    if self.num_outputs is not None:
+      x = nn.Dense(self.num_outputs, name="head")(x)
+    return x
+
+
+def resnet12(
+    num_outputs: int | None = None,
+    widths: Sequence[int] = (64, 160, 320, 640),
+) -> Model:
+  """ResNet-12 for Mini-ImageNet as a pure :class:`Model`.
+
+  Args:
+    num_outputs: classes of the linear head, or ``None`` for an embedding
+      (640 features after global average pooling).
+    widths: channels of the four residual blocks.
+
+  Returns:
+    The model.
+
+  References:
+    Oreshkin, Rodriguez & Lacoste, `TADAM: Task dependent adaptive metric
+    for improved few-shot learning <https://arxiv.org/abs/1805.10123>`_, 2018.
+  """
+  return from_flax(ResNet12(num_outputs, tuple(widths)))
