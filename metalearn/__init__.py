@@ -5,9 +5,17 @@ meta-learners, jitted and vmapped over tasks. Heavy optional dependencies
 (hydra, wandb, tensorflow) are imported only by the modules that need them.
 """
 
-from metalearn import data, tasks
+from metalearn import data, metalearners, models, tasks, training
 from metalearn.types import ClassPool, Episode
 
 __version__ = "0.1.0"
 
-__all__ = ("ClassPool", "Episode", "data", "tasks")
+__all__ = (
+    "ClassPool",
+    "Episode",
+    "data",
+    "metalearners",
+    "models",
+    "tasks",
+    "training",
+)

@@ -1,5 +1,11 @@
 """Meta-training and meta-evaluation, generic over meta-learners."""
 
+from metalearn.training._loop import (
+    NonFiniteLossError,
+    evaluate,
+    make_eval_fn,
+    meta_train,
+)
 from metalearn.training._step import (
     MetaTrainState,
     default_task_map,
@@ -10,8 +16,12 @@ from metalearn.training._step import (
 
 __all__ = (
     "MetaTrainState",
+    "NonFiniteLossError",
     "default_task_map",
+    "evaluate",
     "init_state",
+    "make_eval_fn",
     "make_meta_step",
     "map_tasks",
+    "meta_train",
 )
