@@ -39,9 +39,13 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
   return pathlib.Path(data_dir).expanduser()
 
 
-def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-  """Returns the cache directory: the argument, ``$METALEARN_CACHE_DIR``, or
-  ``~/.cache/metalearn``."""
+def resolve_cache_dir(
+    cache_dir: str | os.PathLike | None = None,
+) -> pathlib.Path:
+  """Returns the cache directory.
+
+  The argument, else ``$METALEARN_CACHE_DIR``, else ``~/.cache/metalearn``.
+  """
   if cache_dir is None:
     cache_dir = os.environ.get(CACHE_DIR_ENV, _DEFAULT_CACHE_DIR)
   return pathlib.Path(cache_dir).expanduser()

@@ -30,7 +30,9 @@ ZIP_MD5 = {
     "evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
 }
 SPLIT_SCHEMES = ("vinyals", "finn")
-_PNG = re.compile(r"(?:^|/)images_\w+/([^/]+)/(character\d+)/(\d{4})_(\d{2})\.png$")
+_PNG = re.compile(
+    r"(?:^|/)images_\w+/([^/]+)/(character\d+)/(\d{4})_(\d{2})\.png$"
+)
 
 MISSING_MESSAGE = """\
 Omniglot was not found in {root}.
@@ -120,32 +122,28 @@ def read_image_folder(
 def read_tfds(data_dir: pathlib.Path) -> OmniglotCharacters:
   """Reads a prepared TFDS ``omniglot`` (train = background, test = evaluation).
 
-  Needs TensorFlow (``pip install metalearn[tf]``) unless the dataset was
-  prepared in the ``array_record`` file format. TFDS does not keep the
-  original character folder names, so names are ``tfds<alphabet>/charNN``.
+  Needs TensorFlow (``pip install metalearn[tf]``). TFDS's ``label`` is the
+  global character id minus one, its ``alphabet`` a class label named by
+  the alphabet folder and ``alphabet_char_id`` the character number minus
+  one, so classes get the same names and ids as the other layouts. TFDS does
+  not keep the drawer number; drawers are kept in the order TFDS stores them.
   """
   import tensorflow_datasets as tfds  # Heavy: imported only here.
 
   builder = tfds.builder("omniglot", data_dir=str(data_dir))
-  parts = []
-  for offset, split in ((0, "train"), (1, "test")):
-    data = tfds.as_numpy(builder.as_dataset(split=split))
-    by_class: dict[int, list] = {}
-    meta = {}
-    for ex in data:
-      label = int(ex["label"]) + offset * 100000
-      by_class.setdefault(label, []).append(ex["image"][..., 0])
-      meta[label] = (int(ex["alphabet"]), int(ex["alphabet_char_id"]))
-    parts.append((by_class, meta))
-  images, names, ids = [], [], []
-  for by_class, meta in parts:
-    for label in sorted(by_class):
-      images.append(np.stack(by_class[label][:20]))
-      alphabet, char = meta[label]
-      names.append(f"tfds{alphabet}/character{char + 1:02d}")
-      ids.append(label)
+  alphabets = builder.info.features["alphabet"].names
+  by_class: dict[int, list[np.ndarray]] = {}
+  names: dict[int, str] = {}
+  for split in ("train", "test"):
+    for ex in tfds.as_numpy(builder.as_dataset(split=split)):
+      gid = int(ex["label"]) + 1
+      by_class.setdefault(gid, []).append(ex["image"][..., 0])
+      alphabet = alphabets[int(ex["alphabet"])]
+      names[gid] = f"{alphabet}/character{int(ex['alphabet_char_id']) + 1:02d}"
+  ids = sorted(by_class)
+  images = np.stack([np.stack(by_class[g][:20]) for g in ids])
   return OmniglotCharacters(
-      255 - np.stack(images), tuple(names), np.array(ids, np.int32)
+      255 - images, tuple(names[g] for g in ids), np.array(ids, np.int32)
   )
 
 

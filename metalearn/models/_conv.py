@@ -31,8 +31,8 @@ def _explicit_padding(padding, in_hw, k_hw, strides, lhs_dil, rhs_dil):
   return tuple(
       tuple(int(v) for v in p)
       for p in jax.lax.padtype_to_pads(
-          [_dilated(s, d) for s, d in zip(in_hw, lhs_dil)],
-          [_dilated(k, d) for k, d in zip(k_hw, rhs_dil)],
+          [_dilated(s, d) for s, d in zip(in_hw, lhs_dil, strict=True)],
+          [_dilated(k, d) for k, d in zip(k_hw, rhs_dil, strict=True)],
           strides,
           padding,
       )
