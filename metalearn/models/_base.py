@@ -17,10 +17,18 @@ class Model(NamedTuple):
   so the parameters must be an ordinary pytree (a nested dict), never an
   object with hidden state. Models built here name their last layer
   ``"head"``, which is what ANIL adapts.
+
+  ``layers`` (optional) splits ``apply`` into stages, each
+  ``stage(params, h) -> h`` taking the full parameter tree: composing them
+  in order computes ``apply``. A model can then be run up to a layer and
+  from it, which feature-level mixup needs (``metalearners.mlti``).
+  ``conv4``, ``mlp`` and ``resnet12`` provide them; ``None`` (the default)
+  means the model cannot be split.
   """
 
   init: Callable[[jax.Array, jax.Array], PyTree]
   apply: Callable[[PyTree, jax.Array], jax.Array]
+  layers: tuple[Callable[[PyTree, jax.Array], jax.Array], ...] | None = None
 
 
 def from_flax(module: nn.Module) -> Model:

@@ -1,6 +1,6 @@
 """The standard few-shot networks: Conv-4 variants, ResNet-12, sinusoid MLP."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -11,6 +11,42 @@ from metalearn.models._conv import conv2d
 from metalearn.models._layers import BatchNorm, max_pool_2x2
 
 _DOWNSAMPLE = ("max_pool", "stride")
+Stage = Callable[[dict, jax.Array], jax.Array]
+
+
+def _stage(module: nn.Module, name: str, activation=None) -> Stage:
+  """A :attr:`Model.layers` stage: ``module`` with the params under
+  ``name``, then an optional activation."""
+
+  def stage(params, h):
+    h = module.apply({"params": params[name]}, h)
+    return h if activation is None else activation(h)
+
+  return stage
+
+
+def _readout(pool: Callable[[jax.Array], jax.Array],
+             num_outputs: int | None) -> Stage:
+  """The last stage: spatial pooling, then the ``head`` if there is one."""
+
+  def stage(params, h):
+    h = pool(h)
+    if num_outputs is not None:
+      h = nn.Dense(num_outputs).apply({"params": params["head"]}, h)
+    return h
+
+  return stage
+
+
+def _conv4_pool(x: jax.Array, downsample: str) -> jax.Array:
+  """Conv-4's features: averaged over space (stride) or flattened."""
+  if downsample == "stride":
+    return x.mean(axis=(-3, -2))
+  return x.reshape(*x.shape[:-3], -1)
+
+
+def _global_average(x: jax.Array) -> jax.Array:
+  return jnp.mean(x, axis=(-3, -2))
 
 
 class ConvBlock(nn.Module):
@@ -56,10 +92,7 @@ class Conv4(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(4):
       x = ConvBlock(self.features, self.downsample, name=f"block{i}")(x)
-    if self.downsample == "stride":
-      x = x.mean(axis=(-3, -2))
-    else:
-      x = x.reshape(*x.shape[:-3], -1)
+    x = _conv4_pool(x, self.downsample)
     if self.num_outputs is not None:
       x = nn.Dense(self.num_outputs, name="head")(x)
     return x
@@ -84,7 +117,8 @@ def conv4(
     downsample: ``"max_pool"`` or ``"stride"``.
 
   Returns:
-    The model; params are ``{"block0".."block3", "head"}``.
+    The model; params are ``{"block0".."block3", "head"}``. Its
+    ``layers`` are the four blocks and the readout (pooling and head).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -103,7 +137,13 @@ def conv4(
     )
   if num_outputs is not None and num_outputs < 1:
     raise ValueError(f"num_outputs must be >= 1 or None, got {num_outputs}")
-  return from_flax(Conv4(num_outputs, features, downsample))
+  blocks = [
+      _stage(ConvBlock(features, downsample), f"block{i}") for i in range(4)
+  ]
+  readout = _readout(lambda x: _conv4_pool(x, downsample), num_outputs)
+  return from_flax(Conv4(num_outputs, features, downsample))._replace(
+      layers=(*blocks, readout)
+  )
 
 
 class MLP(nn.Module):
@@ -127,7 +167,7 @@ def mlp(num_outputs: int = 1, hidden: Sequence[int] = (40, 40)) -> Model:
     hidden: widths of the hidden layers.
 
   Returns:
-    The model.
+    The model; its ``layers`` are the hidden layers and the head.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -136,7 +176,14 @@ def mlp(num_outputs: int = 1, hidden: Sequence[int] = (40, 40)) -> Model:
     >>> m.apply(m.init(jax.random.key(0), x), x).shape
     (10, 1)
   """
-  return from_flax(MLP(tuple(hidden), num_outputs))
+  hidden_layers = [
+      _stage(nn.Dense(width), f"dense{i}", nn.relu)
+      for i, width in enumerate(hidden)
+  ]
+  head = _stage(nn.Dense(num_outputs), "head")
+  return from_flax(MLP(tuple(hidden), num_outputs))._replace(
+      layers=(*hidden_layers, head)
+  )
 
 
 class ResBlock(nn.Module):
@@ -173,7 +220,7 @@ class ResNet12(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     for i, width in enumerate(self.widths):
       x = ResBlock(width, name=f"block{i}")(x)
-    x = jnp.mean(x, axis=(-3, -2))
+    x = _global_average(x)
     if self.num_outputs is not None:
       x = nn.Dense(self.num_outputs, name="head")(x)
     return x
@@ -191,10 +238,13 @@ def resnet12(
     widths: channels of the four residual blocks.
 
   Returns:
-    The model.
+    The model; its ``layers`` are the four blocks and the readout.
 
   References:
     Oreshkin, Rodriguez & Lacoste, `TADAM: Task dependent adaptive metric
     for improved few-shot learning <https://arxiv.org/abs/1805.10123>`_, 2018.
   """
-  return from_flax(ResNet12(num_outputs, tuple(widths)))
+  blocks = [_stage(ResBlock(w), f"block{i}") for i, w in enumerate(widths)]
+  return from_flax(ResNet12(num_outputs, tuple(widths)))._replace(
+      layers=(*blocks, _readout(_global_average, num_outputs))
+  )
