@@ -9,6 +9,7 @@ from metalearn.data._common import (
     resize_images,
     resolve_data_dir,
 )
+from metalearn.data._fewtask import restrict_classes
 from metalearn.data._miniimagenet import load_mini_imagenet
 from metalearn.data._omniglot import load_omniglot, with_rotations
 from metalearn.data._omniglot import split_names as omniglot_split_names
@@ -24,5 +25,6 @@ __all__ = (
     "omniglot_split_names",
     "resize_images",
     "resolve_data_dir",
+    "restrict_classes",
     "with_rotations",
 )

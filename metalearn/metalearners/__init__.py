@@ -1,7 +1,8 @@
-"""Meta-learners: MAML and its family, Prototypical Networks."""
+"""Meta-learners: MAML and its family, Prototypical Networks, MLTI."""
 
 from metalearn.metalearners._base import (
     MetaLearner,
+    MixedLabels,
     default_meta_grad,
     make_learner,
     task_loss,
@@ -14,6 +15,15 @@ from metalearn.metalearners._maml import (
     metasgd,
     reptile,
 )
+from metalearn.metalearners._mlti import (
+    EpisodePair,
+    MixedInputs,
+    cutmix,
+    feature_mixing,
+    interpolate_tasks,
+    mlti,
+    paired_sampler,
+)
 from metalearn.metalearners._protonet import (
     protonet,
     prototypes,
@@ -21,14 +31,22 @@ from metalearn.metalearners._protonet import (
 )
 
 __all__ = (
+    "EpisodePair",
     "MetaLearner",
     "MetaSGDParams",
+    "MixedInputs",
+    "MixedLabels",
     "anil",
+    "cutmix",
     "default_meta_grad",
+    "feature_mixing",
     "inner_sgd",
+    "interpolate_tasks",
     "make_learner",
     "maml",
     "metasgd",
+    "mlti",
+    "paired_sampler",
     "protonet",
     "prototypes",
     "reptile",

@@ -84,6 +84,26 @@ def make_learner(init, adapt, evaluate, meta_grad=None) -> MetaLearner:
   return MetaLearner(init, adapt, evaluate, meta_grad)
 
 
+class MixedLabels(NamedTuple):
+  r"""Soft labels that mix two sets of int labels, as task mixup makes them.
+
+  Stands for the target :math:`\lambda\, e_{labels} + (1 - \lambda)\,
+  e_{other}`. :func:`task_loss` scores it as the same mix of the two
+  cross-entropies (equal to the cross-entropy with that soft target) and of
+  the two accuracies. A separate type, so float targets keep meaning
+  regression.
+
+  Attributes:
+    labels: int ``[n]``.
+    other: int ``[n]``.
+    lam: the weight of ``labels``, a float scalar.
+  """
+
+  labels: jax.Array
+  other: jax.Array
+  lam: jax.Array
+
+
 def is_classification(y: jax.Array) -> bool:
   """Integer targets are class labels; float targets are regression."""
   return jnp.issubdtype(y.dtype, jnp.integer)
@@ -96,13 +116,20 @@ def task_loss(
 
   Args:
     outputs: logits ``[n, classes]`` or predictions ``[n, d]``.
-    y: int labels ``[n]`` or float targets ``[n, d]``.
+    y: int labels ``[n]``, float targets ``[n, d]``, or
+      :class:`MixedLabels` (scored as the mix of the two label sets).
     prefix: prefix of the metric names.
 
   Returns:
     ``(loss, {prefix+"loss", prefix+"accuracy"})`` (no accuracy for
     regression).
   """
+  if isinstance(y, MixedLabels):
+    first = task_loss(outputs, y.labels, prefix)
+    second = task_loss(outputs, y.other, prefix)
+    return jax.tree.map(
+        lambda a, b: y.lam * a + (1.0 - y.lam) * b, first, second
+    )
   if is_classification(y):
     loss = optax.softmax_cross_entropy_with_integer_labels(outputs, y).mean()
     acc = jnp.mean(jnp.argmax(outputs, -1) == y)
