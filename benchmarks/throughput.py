@@ -1,0 +1,305 @@
+"""Meta-training throughput of every meta-learner on the Omniglot workload.
+
+The workload: Omniglot 5-way 1-shot, 15 queries per class, meta-batch 32,
+Conv-4 with max-pooling and 64 filters (``models.conv4(5)`` for the
+gradient-based learners, ``models.conv4(None)`` for ProtoNet). Episodes are
+drawn on device from a synthetic ``uint8`` pool of Omniglot's shape (4112
+classes x 20 examples x 28 x 28 x 1, the Vinyals training split with
+rotations), so no dataset is needed; the pixel values do not change the
+work done.
+
+For each learner (and each ``--task-map``), a fresh subprocess builds
+``training.make_meta_step`` and reports:
+
+- compile time: ``step.lower(...).compile()``, i.e. tracing, lowering and
+  XLA compilation of the first call;
+- tasks/s: meta-batch size / the median duration of ``--repeats`` timed
+  calls after ``--warmup`` untimed ones, each to ``block_until_ready``;
+- peak memory: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of that
+  subprocess (jax runtime, pool, compilation and execution included).
+
+The parent counts the FLOPs of one task's meta-gradient with XLA's cost
+analysis (``jax.jit(learner.meta_grad).lower(...).compile()
+.cost_analysis()["flops"]``, with every ``lax.scan`` unrolled while
+tracing, because XLA counts a while-loop body once), measures the float32
+matmul peak of the machine (a jitted 4096 x 4096 ``jnp.dot``, median), and
+reports the achieved FLOP rate (FLOPs per task x tasks/s) as a fraction of
+that peak.
+
+Usage:
+  python benchmarks/throughput.py --out results/throughput.json
+  python benchmarks/throughput.py --learners maml1,protonet \\
+      --task-map scan,vmap --out results/scan_vs_vmap.json
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import _harness
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metalearn import metalearners, models, tasks, training
+from metalearn.types import ClassPool
+
+# name -> (table label, factory of (learner, meta-optimizer)).
+LEARNERS = {
+    "maml1": ("MAML k=1", lambda: metalearners.maml(
+        models.conv4(5), inner_lr=0.4, num_inner_steps=1)),
+    "maml5": ("MAML k=5", lambda: metalearners.maml(
+        models.conv4(5), inner_lr=0.4, num_inner_steps=5)),
+    "fomaml1": ("FOMAML k=1", lambda: metalearners.maml(
+        models.conv4(5), inner_lr=0.4, num_inner_steps=1, first_order=True)),
+    "fomaml5": ("FOMAML k=5", lambda: metalearners.maml(
+        models.conv4(5), inner_lr=0.4, num_inner_steps=5, first_order=True)),
+    "anil": ("ANIL k=1", lambda: metalearners.anil(
+        models.conv4(5), inner_lr=0.4, num_inner_steps=1)),
+    "metasgd": ("Meta-SGD k=1", lambda: metalearners.metasgd(
+        models.conv4(5), inner_lr=0.4, num_inner_steps=1)),
+    "reptile": ("Reptile k=5", lambda: metalearners.reptile(
+        models.conv4(5), inner_lr=0.001, num_inner_steps=5)),
+    "protonet": ("ProtoNet", lambda: metalearners.protonet(
+        models.conv4(None))),
+}
+# GFLOP per task counted by hand for 5-way 1-shot, 15 queries: 2 x the
+# multiply-adds of the convolutions, zero padding included (XLA counts only
+# in-bounds taps, but also counts element-wise operations).
+ANALYTIC_GFLOP = {"maml1": 5.21, "maml5": 8.68, "fomaml1": 4.64,
+                  "protonet": 4.64}
+TASK_MAPS = ("auto", "vmap", "scan")
+OMNIGLOT_POOL = (4112, 20, 28, 28, 1)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--learners", default=",".join(LEARNERS),
+                 help=f"comma-separated subset of {tuple(LEARNERS)}")
+  p.add_argument("--task-map", default="auto",
+                 help=f"comma-separated subset of {TASK_MAPS}")
+  p.add_argument("--batch", type=int, default=32, help="tasks per meta-step")
+  p.add_argument("--ways", type=int, default=5)
+  p.add_argument("--shots", type=int, default=1)
+  p.add_argument("--queries", type=int, default=15)
+  p.add_argument("--repeats", type=int, default=5, help="timed calls")
+  p.add_argument("--warmup", type=int, default=2, help="untimed calls")
+  p.add_argument("--pool-classes", type=int, default=OMNIGLOT_POOL[0])
+  p.add_argument("--matmul-size", type=int, default=4096)
+  p.add_argument("--smoke", action="store_true",
+                 help="batch 2, 1 repeat, tiny pool and matmul, for CI")
+  p.add_argument("--out", default=None, help="write a JSON of the results")
+  p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.smoke:
+    args.batch, args.repeats, args.warmup = 2, 1, 1
+    args.pool_classes, args.matmul_size = 2 * args.ways, 256
+  args.learners = tuple(args.learners.split(","))
+  args.task_map = tuple(args.task_map.split(","))
+  for name, given, known in (("learners", args.learners, LEARNERS),
+                             ("task-map", args.task_map, TASK_MAPS)):
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+      p.error(f"--{name}: unknown {unknown}; choose from {tuple(known)}")
+  for name in ("batch", "ways", "shots", "repeats", "pool_classes",
+               "matmul_size"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name.replace('_', '-')} must be >= 1")
+  return args
+
+
+def synthetic_sampler(args) -> tasks.TaskSampler:
+  """An episode sampler over random ``uint8`` images of Omniglot's shape."""
+  shape = (args.pool_classes, *OMNIGLOT_POOL[1:])
+  images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+  pool = ClassPool(jax.device_put(images),
+                   jax.device_put(np.arange(shape[0], dtype=np.int32)))
+  return tasks.episode_sampler(pool, num_ways=args.ways,
+                               num_shots=args.shots,
+                               num_queries=args.queries)
+
+
+def build(name: str):
+  """``(learner, meta_optimizer)`` for a learner name of :data:`LEARNERS`."""
+  learner = LEARNERS[name][1]()
+  # Reptile's meta-gradient is theta - phi; SGD with step 1 is its update.
+  tx = optax.sgd(1.0) if name == "reptile" else optax.adam(1e-3)
+  return learner, tx
+
+
+def max_rss_bytes() -> int:
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return rss if sys.platform == "darwin" else rss * 1024  # Linux: KiB.
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older jax: one dict per device.
+    cost = cost[0]
+  return float(cost["flops"])
+
+
+def run_worker(args) -> dict:
+  """Compiles and times one learner's meta-step (in its own process)."""
+  name, task_map = args.worker, args.task_map[0]
+  sampler = synthetic_sampler(args)
+  learner, tx = build(name)
+  key = jax.random.key(0)
+  state = training.init_state(learner, tx, sampler, key)
+  step = training.make_meta_step(learner, tx, sampler,
+                                 meta_batch_size=args.batch,
+                                 task_map=task_map)
+  start = time.perf_counter()
+  compiled = step.lower(state, sampler.data, key).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(args.warmup):
+    state, metrics = jax.block_until_ready(
+        compiled(state, sampler.data, key))
+  times = []
+  for _ in range(args.repeats):
+    start = time.perf_counter()
+    state, metrics = jax.block_until_ready(
+        compiled(state, sampler.data, key))
+    times.append(time.perf_counter() - start)
+  loss = float(metrics["outer/loss"])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f"{name}: outer/loss is {loss}")
+  return {
+      "learner": name,
+      "task_map": (training.default_task_map() if task_map == "auto"
+                   else task_map),
+      "compile_s": compile_s,
+      "step_times_s": times,
+      "tasks_per_s": args.batch / _harness.median(times),
+      "peak_rss_bytes": max_rss_bytes(),
+      "xla_step_flops_as_compiled": _flops(compiled),
+      "outer_loss": loss,
+  }
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+  """Makes ``jax.lax.scan`` unroll fully while tracing inside the block.
+
+  XLA's cost analysis counts the body of a while loop once, whatever its
+  trip count; unrolled, every iteration is counted.
+  """
+  original = jax.lax.scan
+
+  def scan(*args, **kwargs):
+    kwargs["unroll"] = True
+    return original(*args, **kwargs)
+
+  jax.lax.scan = scan
+  try:
+    yield
+  finally:
+    jax.lax.scan = original
+
+
+def flops_per_task(name: str, args) -> float:
+  """XLA's count of one task's meta-gradient, loops unrolled."""
+  sampler = synthetic_sampler(args)
+  learner, _ = build(name)
+  key = jax.random.key(0)
+  episode = sampler.sample(key, sampler.data)
+  params = learner.init(key, episode)
+  with unrolled_scans():
+    compiled = jax.jit(learner.meta_grad).lower(params, episode,
+                                                key).compile()
+  return _flops(compiled)
+
+
+def matmul_peak_gflops(size: int, repeats: int) -> float:
+  """Median GFLOP/s of a jitted float32 ``size x size`` matmul."""
+  a, b = jax.random.normal(jax.random.key(0), (2, size, size), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  jax.block_until_ready(dot(a, b))
+  times = _harness.time_calls(
+      lambda: jax.block_until_ready(dot(a, b)), max(repeats, 3))
+  return 2 * size**3 / _harness.median(times) / 1e9
+
+
+def spawn_worker(args, name: str, task_map: str) -> dict:
+  """Runs this script as a fresh ``--worker`` process and reads its JSON."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "worker.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name,
+           "--task-map", task_map, "--out", out]
+    for flag in ("batch", "ways", "shots", "queries", "repeats", "warmup",
+                 "pool_classes"):
+      cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+      raise RuntimeError(
+          f"worker {name} ({task_map}) failed:\n{proc.stderr[-3000:]}")
+    with open(out) as f:
+      return json.load(f)
+
+
+def measure(args) -> tuple[float, list[dict]]:
+  peak = matmul_peak_gflops(args.matmul_size, args.repeats)
+  counted = {n: flops_per_task(n, args) for n in args.learners}
+  rows = []
+  for name in args.learners:
+    for task_map in args.task_map:
+      print(f"{name} ({task_map}) ...", flush=True)
+      row = spawn_worker(args, name, task_map)
+      gflop = counted[name] / 1e9
+      analytic = (ANALYTIC_GFLOP.get(name)
+                  if (args.ways, args.shots, args.queries) == (5, 1, 15)
+                  else None)
+      row.update(
+          gflop_per_task_xla=gflop,
+          gflop_per_task_analytic=analytic,
+          achieved_gflops=gflop * row["tasks_per_s"],
+          fraction_of_peak=gflop * row["tasks_per_s"] / peak,
+      )
+      rows.append(row)
+  return peak, rows
+
+
+def report(args, machine, peak, rows) -> None:
+  print(f"\nOmniglot {args.ways}-way {args.shots}-shot, {args.queries} "
+        f"queries, meta-batch {args.batch}, Conv-4 (64, max-pool); median "
+        f"of {args.repeats}; {machine['cpu']} ({machine['cpu_count']} "
+        f"cores), jax {machine['jax']}; float32 matmul peak "
+        f"{peak:.0f} GFLOP/s; % of peak from XLA's FLOP count\n")
+  print(_harness.markdown_table(
+      ["learner", "task map", "tasks/s", "compile (s)", "peak RSS (GB)",
+       "GFLOP/task (XLA)", "GFLOP/task (analytic)", "GFLOP/s",
+       "% of matmul peak"],
+      [[LEARNERS[r["learner"]][0], r["task_map"], r["tasks_per_s"],
+        r["compile_s"], r["peak_rss_bytes"] / 1e9, r["gflop_per_task_xla"],
+        r["gflop_per_task_analytic"], r["achieved_gflops"],
+        100 * r["fraction_of_peak"]] for r in rows],
+  ))
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.worker is not None:
+    _harness.write_json(args.out, run_worker(args))
+    return 0
+  machine = _harness.machine_info()
+  peak, rows = measure(args)
+  report(args, machine, peak, rows)
+  config = {k: v for k, v in vars(args).items()
+            if k not in ("out", "worker")}
+  _harness.write_json(args.out, {
+      "benchmark": "throughput", "machine": machine, "config": config,
+      "matmul_peak_gflops": peak, "fraction_of_peak_uses": "xla",
+      "results": rows,
+  })
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

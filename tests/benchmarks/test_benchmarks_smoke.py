@@ -1,0 +1,178 @@
+"""The benchmark scripts run at smoke size and write sensible results.
+
+Each script's ``main`` runs in-process with ``--smoke`` (the throughput
+script still starts its per-learner worker as a subprocess, through its
+command line), so the scripts cannot rot unnoticed. Smaller checks cover the
+parts the numbers rest on: the FLOP counting, the host sampler and the
+learner table.
+"""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metalearn.types import ClassPool
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(
+      f"benchmarks_{name}", BENCH_DIR / f"{name}.py"
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+  """The three scripts as modules (their folder on ``sys.path``)."""
+  sys.path.insert(0, str(BENCH_DIR))
+  try:
+    yield {n: _load(n) for n in ("conv_in_scan", "sampling", "throughput")}
+  finally:
+    sys.path.remove(str(BENCH_DIR))
+
+
+def _run(module, tmp_path, *argv):
+  out = tmp_path / "result.json"
+  assert module.main(["--smoke", *argv, "--out", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result["machine"]["cpu_count"] >= 1
+  assert result["machine"]["jax"] == jax.__version__
+  assert result["config"]["smoke"] is True
+  return result
+
+
+def test_conv_in_scan_smoke(bench, tmp_path):
+  mod = bench["conv_in_scan"]
+  result = _run(mod, tmp_path)
+  assert result["benchmark"] == "conv_in_scan"
+  rows = result["results"]
+  assert {(r["part"], r["context"]) for r in rows} == {
+      (p, c) for p in mod.PARTS for c in mod.CONTEXTS
+  }
+  for r in rows:
+    for field in ("lax_gflops", "conv2d_gflops", "lax_s", "conv2d_s"):
+      assert r[field] > 0, (r, field)
+    assert r["speedup"] == pytest.approx(r["conv2d_gflops"] / r["lax_gflops"])
+
+
+def test_conv_flops_counts_padded_taps(bench):
+  # 2 x batch x outputs x taps x in x out, as in the FLOP tables.
+  assert bench["conv_in_scan"].conv_flops(80, 14, 64, 64) == (
+      2 * 80 * 14 * 14 * 9 * 64 * 64
+  )
+
+
+def test_sampling_smoke(bench, tmp_path, data_dir, omniglot):
+  result = _run(bench["sampling"], tmp_path, "--data-dir", str(data_dir))
+  assert result["benchmark"] == "sampling"
+  assert result["config"]["pool_shape"] == list(omniglot.train.images.shape)
+  res = result["results"]
+  for field in ("device_episodes_per_s", "host_episodes_per_s", "speedup",
+                "device_batch_ms", "host_batch_ms"):
+    assert res[field] > 0, field
+  assert res["speedup"] == pytest.approx(
+      res["device_episodes_per_s"] / res["host_episodes_per_s"]
+  )
+
+
+def test_host_sampler_draws_valid_episodes(bench):
+  # Pixel value = 10 * class + example, so every image names its source.
+  classes, per_class = 12, 8
+  values = 10 * np.arange(classes)[:, None] + np.arange(per_class)
+  images = np.broadcast_to(
+      values[:, :, None, None, None], (classes, per_class, 2, 2, 1)
+  ).astype(np.uint8)
+  ways, shots, queries, batch = 4, 2, 3, 5
+  ep = bench["sampling"].host_batch(
+      np.random.default_rng(0), images, num_ways=ways, num_shots=shots,
+      num_queries=queries, batch_size=batch,
+  )
+  assert ep.support_x.shape == (batch, ways * shots, 2, 2, 1)
+  assert ep.query_x.shape == (batch, ways * queries, 2, 2, 1)
+  assert ep.support_x.dtype == np.float32 and ep.support_y.dtype == np.int32
+  for b in range(batch):
+    support = np.rint(ep.support_x[b, :, 0, 0, 0] * 255).astype(int)
+    query = np.rint(ep.query_x[b, :, 0, 0, 0] * 255).astype(int)
+    assert not set(support) & set(query)  # Disjoint examples.
+    for label in range(ways):
+      cls = set(support[ep.support_y[b] == label] // 10)
+      assert cls == set(query[ep.query_y[b] == label] // 10)
+      assert len(cls) == 1
+    np.testing.assert_array_equal(np.bincount(ep.query_y[b]), [queries] * ways)
+    assert len(set(support // 10)) == ways
+
+
+def test_throughput_smoke(bench, tmp_path):
+  mod = bench["throughput"]
+  result = _run(mod, tmp_path, "--learners", "protonet")
+  assert result["benchmark"] == "throughput"
+  assert result["matmul_peak_gflops"] > 0
+  (row,) = result["results"]
+  assert row["learner"] == "protonet"
+  assert row["task_map"] == ("scan" if jax.default_backend() == "cpu"
+                             else "vmap")
+  for field in ("tasks_per_s", "compile_s", "peak_rss_bytes",
+                "gflop_per_task_xla", "achieved_gflops", "fraction_of_peak"):
+    assert row[field] > 0, field
+  assert len(row["step_times_s"]) == 1
+  # XLA's count (in-bounds taps plus element-wise ops) and the hand count
+  # (padded taps, convolutions only) measure the same work to within 10%.
+  assert row["gflop_per_task_xla"] == pytest.approx(
+      mod.ANALYTIC_GFLOP["protonet"], rel=0.1
+  )
+  assert row["achieved_gflops"] == pytest.approx(
+      row["gflop_per_task_xla"] * row["tasks_per_s"]
+  )
+
+
+def test_unrolled_scans_count_every_iteration(bench):
+  mod = bench["throughput"]
+  original = jax.lax.scan
+
+  def f(xs):
+    return jax.lax.scan(lambda c, x: (c + (x @ x).sum(), None), 0.0, xs)[0]
+
+  xs = jnp.ones((6, 32, 32))
+  with mod.unrolled_scans():
+    counted = mod._flops(jax.jit(f).lower(xs).compile())
+  assert jax.lax.scan is original
+  assert counted >= 6 * 2 * 32**3
+
+
+def test_every_learner_builds(bench):
+  mod = bench["throughput"]
+  pool = ClassPool(np.zeros((6, 17, 28, 28, 1), np.uint8),
+                   np.arange(6, dtype=np.int32))
+  episode = mod.tasks.episode_sampler(
+      pool, num_ways=5, num_shots=1, num_queries=15
+  ).sample(jax.random.key(0), pool)
+  key = jax.random.key(0)
+  for name in mod.LEARNERS:
+    learner, tx = mod.build(name)
+    # Tracing every meta-gradient would take seconds; the smoke run above
+    # traces one, and each learner's own tests trace the rest.
+    params = jax.eval_shape(learner.init, key, episode)
+    updates = jax.eval_shape(
+        lambda p, tx=tx: tx.update(p, tx.init(p), p)[0], params
+    )
+    assert jax.tree.structure(updates) == jax.tree.structure(params), name
+
+
+def test_throughput_rejects_unknown_names(bench):
+  parse = bench["throughput"].parse_args
+  with pytest.raises(SystemExit):
+    parse(["--learners", "maml1,nope"])
+  with pytest.raises(SystemExit):
+    parse(["--task-map", "pmap"])
+  args = parse(["--smoke", "--task-map", "scan,vmap"])
+  assert args.task_map == ("scan", "vmap") and args.batch == 2
