@@ -1,0 +1,188 @@
+"""The notebooks: stored clean, public API only, and run top to bottom.
+
+Each ``notebooks/*.ipynb`` is executed with nbclient at smoke size
+(``METALEARN_NOTEBOOK_SMOKE=1``), with the matplotlib backend ``Agg`` and a
+time budget per notebook. The kernel is this interpreter: a ``python3``
+kernelspec for ``sys.executable`` is written to a temporary directory that
+``JUPYTER_PATH`` puts first, so nothing is registered globally and a
+``python3`` kernel of another environment is never picked up.
+"""
+
+import ast
+import importlib
+import json
+import pathlib
+import sys
+import time
+
+import nbclient
+import nbformat
+import pytest
+
+import metalearn
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+REQUIRED = (
+    "01_quickstart_sinusoid_maml",
+    "02_omniglot_protonet",
+    "03_custom_metalearner",
+)
+SMOKE_FLAG = "METALEARN_NOTEBOOK_SMOKE"
+# Wall-clock budget per notebook, kernel start included. At smoke size each
+# takes 20-40 s on two free cores; the margin is for a loaded CI machine.
+NOTEBOOK_TIMEOUT_S = 300
+
+by_name = pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+
+
+def _read(path: pathlib.Path) -> nbformat.NotebookNode:
+  return nbformat.read(path, as_version=4)
+
+
+def _code_cells(nb):
+  return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def _python_source(cell) -> str:
+  """A code cell's source without IPython magics and shell escapes."""
+  lines = cell.source.splitlines()
+  return "\n".join(
+      "" if line.lstrip().startswith(("%", "!")) else line for line in lines
+  )
+
+
+def _metalearn_imports(tree: ast.AST):
+  """``(module, name)`` for every import of ``metalearn`` in a syntax tree;
+  ``name`` is ``None`` for ``import module``."""
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      for alias in node.names:
+        if alias.name.split(".")[0] == "metalearn":
+          yield alias.name, None
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      if node.module.split(".")[0] == "metalearn":
+        for alias in node.names:
+          yield node.module, alias.name
+
+
+def test_required_notebooks_exist():
+  stems = {p.stem for p in NOTEBOOKS}
+  missing = [name for name in REQUIRED if name not in stems]
+  assert not missing, f"missing notebooks: {missing}"
+
+
+@by_name
+def test_notebook_is_valid_and_stored_without_outputs(path):
+  nb = _read(path)
+  nbformat.validate(nb)
+  assert nb.metadata.kernelspec.name == "python3"
+  for i, cell in enumerate(_code_cells(nb)):
+    assert cell.outputs == [], f"code cell {i} has stored outputs"
+    assert cell.execution_count is None, f"code cell {i} has a count"
+  # A clean file ends with one newline and keeps its JSON indented.
+  text = path.read_text()
+  assert text.endswith("}\n") and json.loads(text)
+
+
+@by_name
+def test_first_code_cell_reads_the_smoke_flag(path):
+  first = _code_cells(_read(path))[0].source
+  assert f'os.environ.get("{SMOKE_FLAG}") == "1"' in first
+  assert "SMOKE =" in first
+
+
+@by_name
+def test_notebook_imports_only_the_public_api(path):
+  found = []
+  for i, cell in enumerate(_code_cells(_read(path))):
+    tree = ast.parse(_python_source(cell), filename=f"{path.name}[{i}]")
+    for module, name in _metalearn_imports(tree):
+      found.append((module, name))
+      parts = module.split(".")
+      assert not any(p.startswith("_") for p in parts), (module, name)
+      if len(parts) > 1:
+        assert parts[1] in metalearn.__all__, f"{module} is not public"
+      if name is not None:
+        public = importlib.import_module(module).__all__
+        assert name in public, f"{module}.{name} is not in __all__"
+  assert found, "the notebook never imports metalearn"
+
+
+@by_name
+def test_notebook_explains_with_math(path):
+  math_cells = [
+      c for c in _read(path).cells
+      if c.cell_type == "markdown" and "$" in c.source
+  ]
+  assert math_cells, "no markdown cell with LaTeX math"
+
+
+@pytest.fixture(scope="session")
+def kernel_dir(tmp_path_factory) -> pathlib.Path:
+  """A ``JUPYTER_PATH`` entry whose ``python3`` kernel is this interpreter."""
+  root = tmp_path_factory.mktemp("jupyter")
+  spec_dir = root / "kernels" / "python3"
+  spec_dir.mkdir(parents=True)
+  spec = {
+      "argv": [
+          sys.executable, "-m", "ipykernel_launcher", "-f",
+          "{connection_file}",
+      ],
+      "display_name": "Python 3 (metalearn tests)",
+      "language": "python",
+  }
+  (spec_dir / "kernel.json").write_text(json.dumps(spec))
+  return root
+
+
+@pytest.fixture
+def smoke_env(monkeypatch, kernel_dir, data_dir):
+  """The environment the notebook kernel inherits."""
+  monkeypatch.setenv(SMOKE_FLAG, "1")
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  monkeypatch.setenv("METALEARN_DATA_DIR", str(data_dir))
+  monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))
+  monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+
+
+def _execute(nb, path: pathlib.Path) -> float:
+  """Runs every cell in order under one deadline; returns the seconds."""
+  client = nbclient.NotebookClient(
+      nb,
+      kernel_name="python3",
+      timeout=NOTEBOOK_TIMEOUT_S,
+      resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+  )
+  start = time.monotonic()
+  with client.setup_kernel():
+    for index, cell in enumerate(nb.cells):
+      remaining = NOTEBOOK_TIMEOUT_S - (time.monotonic() - start)
+      if remaining <= 0:
+        pytest.fail(
+            f"{path.name} used up its {NOTEBOOK_TIMEOUT_S} s budget before "
+            f"cell {index}"
+        )
+      client.timeout = max(1, int(remaining))
+      client.execute_cell(cell, index)
+  return time.monotonic() - start
+
+
+@pytest.mark.slow
+@by_name
+def test_notebook_runs_at_smoke_size(path, smoke_env):
+  nb = _read(path)
+  check = nbformat.v4.new_code_cell("import sys\nprint(sys.executable)")
+  nb.cells.append(check)
+  seconds = _execute(nb, path)
+  outputs = [o for c in _code_cells(nb) for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  # The kernel was this interpreter, not a python3 found elsewhere.
+  assert nb.cells[-1].outputs[0].text.strip() == sys.executable
+  pngs = [
+      o for o in outputs
+      if o.output_type == "display_data" and "image/png" in o.data
+  ]
+  assert pngs, f"{path.name} rendered no inline PNG plot"
+  print(f"{path.name}: {seconds:.1f} s, {len(pngs)} plots")
