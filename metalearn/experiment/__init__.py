@@ -1,0 +1,62 @@
+"""Hydra experiments: config to objects, runs, checkpoints and logging.
+
+This subpackage is the edge where hydra, omegaconf, orbax and wandb are
+used; ``import metalearn`` does not import it. The command line is
+``metalearn-train`` (:mod:`metalearn.train`); the same run is available
+as :func:`run_experiment` for notebooks and tests:
+
+>>> from hydra import compose, initialize_config_dir  # doctest: +SKIP
+>>> with initialize_config_dir(config_dir="/path/to/configs",
+...                            version_base="1.3"):  # doctest: +SKIP
+...   cfg = compose("train", overrides=["debug=smoke"])
+>>> run_experiment(cfg, "outputs/smoke")  # doctest: +SKIP
+"""
+
+from metalearn.experiment._build import (
+    ConfigError,
+    Samplers,
+    build_learner,
+    build_optimizer,
+    build_samplers,
+    load_splits,
+    run_name,
+    to_plain,
+    validate_config,
+)
+from metalearn.experiment._checkpoint import (
+    checkpoint_manager,
+    load_checkpoint,
+    restore_state,
+    save_state,
+)
+from metalearn.experiment._logging import (
+    Logger,
+    console_logger,
+    make_logger,
+    wandb_logger,
+    wandb_mode,
+)
+from metalearn.experiment._run import run_experiment, run_hydra
+
+__all__ = (
+    "ConfigError",
+    "Logger",
+    "Samplers",
+    "build_learner",
+    "build_optimizer",
+    "build_samplers",
+    "checkpoint_manager",
+    "console_logger",
+    "load_checkpoint",
+    "load_splits",
+    "make_logger",
+    "restore_state",
+    "run_experiment",
+    "run_hydra",
+    "run_name",
+    "save_state",
+    "to_plain",
+    "validate_config",
+    "wandb_logger",
+    "wandb_mode",
+)

@@ -1,0 +1,396 @@
+"""From a hydra config to checked plain Python and built objects.
+
+This is the one module that reads a composed config: it converts it to plain
+Python (``OmegaConf.to_container(resolve=True)``), validates every field
+before anything is loaded or compiled, and calls ``hydra.utils.instantiate``
+for the learner (with its network) and the meta-optimizer. The rest of the
+library only ever sees the plain values.
+"""
+
+import copy
+import numbers
+import re
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import hydra.utils
+import optax
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from metalearn import data, tasks
+from metalearn.metalearners import MetaLearner
+
+DATASETS = ("omniglot", "mini_imagenet", "sinusoid")
+TASK_MAPS = ("auto", "vmap", "scan")
+LOGGERS = ("wandb", "none")
+
+
+class ConfigError(ValueError):
+  """A config field holds a value the run cannot use; the message names it."""
+
+
+class Samplers(NamedTuple):
+  """The meta-train, meta-validation and meta-test task distributions."""
+
+  train: tasks.TaskSampler
+  val: tasks.TaskSampler
+  test: tasks.TaskSampler
+
+
+def to_plain(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+  """Resolves a composed config into plain dicts, lists and scalars.
+
+  Args:
+    cfg: a hydra/OmegaConf config, or a mapping (copied).
+
+  Returns:
+    The config without its ``hydra`` node.
+
+  Raises:
+    ConfigError: if an interpolation cannot be resolved or a value is
+      missing (``???``).
+  """
+  if isinstance(cfg, DictConfig):
+    try:
+      plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+      raise ConfigError(_first_line(e)) from e
+  else:
+    plain = copy.deepcopy(dict(cfg))
+  plain.pop("hydra", None)
+  return plain
+
+
+def _first_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[0] if lines else type(e).__name__
+
+
+def _get(cfg: Mapping[str, Any], path: str) -> Any:
+  node = cfg
+  for part in path.split("."):
+    if not isinstance(node, Mapping) or part not in node:
+      raise ConfigError(f"{path} is missing from the config")
+    node = node[part]
+  return node
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int_at_least(cfg, path: str, low: int) -> int:
+  value = _get(cfg, path)
+  if not _is_int(value) or value < low:
+    raise ConfigError(f"{path} must be an int >= {low}, got {value!r}")
+  return value
+
+
+def _positive_number(path: str, value: Any) -> None:
+  if (
+      isinstance(value, bool)
+      or not isinstance(value, numbers.Real)
+      or not value > 0
+  ):
+    raise ConfigError(f"{path} must be a number > 0, got {value!r}")
+
+
+def _one_of(cfg, path: str, choices: tuple[str, ...]) -> str:
+  value = _get(cfg, path)
+  if value not in choices:
+    raise ConfigError(
+        f"{path}={value!r} is not one of {', '.join(choices)}"
+    )
+  return value
+
+
+def _bool(cfg, path: str) -> bool:
+  value = _get(cfg, path)
+  if not isinstance(value, bool):
+    raise ConfigError(f"{path} must be true or false, got {value!r}")
+  return value
+
+
+def _multiple_of(cfg, path: str, base_path: str) -> None:
+  value, base = _get(cfg, path), _get(cfg, base_path)
+  if value % base:
+    raise ConfigError(
+        f"{path}={value} must be a multiple of {base_path}={base}"
+    )
+
+
+def _target(cfg, group: str) -> str:
+  target = _get(cfg, f"{group}._target_")
+  if not isinstance(target, str) or not target:
+    raise ConfigError(f"{group}._target_ must name a factory, got {target!r}")
+  return target
+
+
+def learner_name(cfg: Mapping[str, Any]) -> str:
+  """A short name for the learner: its factory, ``fo`` for first order."""
+  learner = cfg["learner"]
+  name = str(learner.get("_target_", "learner")).rsplit(".", 1)[-1]
+  if name == "maml" and learner.get("first_order"):
+    name = "fomaml"
+  return name
+
+
+def run_name(cfg: Mapping[str, Any]) -> str:
+  """``cfg["name"]``, else ``<task>_<learner>``."""
+  return cfg.get("name") or f"{cfg['task'].get('name', 'task')}_" + (
+      learner_name(cfg)
+  )
+
+
+def _validate_task(cfg) -> None:
+  dataset = _one_of(cfg, "task.dataset", DATASETS)
+  for field in ("num_shots", "num_queries", "train_num_queries"):
+    _int_at_least(cfg, f"task.{field}", 1)
+  if dataset == "sinusoid":
+    for field in ("num_ways", "train_num_ways"):
+      if cfg["task"].get(field) is not None:
+        raise ConfigError(
+            f"task.{field} must be null for the sinusoid regression task, "
+            f"got {cfg['task'][field]!r}"
+        )
+    return
+  _int_at_least(cfg, "task.num_ways", 1)
+  _int_at_least(cfg, "task.train_num_ways", 1)
+  _int_at_least(cfg, "task.image_size", 4)
+  _get(cfg, "task.data_dir")
+  if dataset == "omniglot":
+    try:
+      data.omniglot_split_names(_get(cfg, "task.split_scheme"))
+    except ValueError as e:
+      raise ConfigError(f"task.split_scheme: {e}") from e
+    _bool(cfg, "task.rotations")
+
+
+def _validate_head(cfg) -> None:
+  """A learner given its network as ``model`` adapts a classification head,
+  which needs one output per way; one given ``embed`` takes any embedding."""
+  task, learner = cfg["task"], cfg["learner"]
+  net = learner.get("model")
+  if task["dataset"] == "sinusoid" or not isinstance(net, Mapping):
+    return
+  name = learner_name(cfg)
+  num_outputs = net.get("num_outputs")
+  if num_outputs is None:
+    raise ConfigError(
+        f"model.num_outputs is null (an embedding without a head), but "
+        f"learner {name} adapts a classification head: set "
+        f"model.num_outputs to task.num_ways={task['num_ways']} (e.g. "
+        "model=conv4_omniglot) or use an embedding learner (learner=protonet)"
+    )
+  if num_outputs != task["num_ways"]:
+    raise ConfigError(
+        f"model.num_outputs={num_outputs} does not match "
+        f"task.num_ways={task['num_ways']}: the head of learner {name} needs "
+        "one output per way"
+    )
+  if task["train_num_ways"] != task["num_ways"]:
+    raise ConfigError(
+        f"task.train_num_ways={task['train_num_ways']} differs from "
+        f"task.num_ways={task['num_ways']}, but learner {name} has a "
+        "fixed-size head; only embedding learners (protonet) can train with "
+        "other numbers of ways"
+    )
+
+
+def _validate_rates(cfg) -> None:
+  learner = cfg["learner"]
+  for field in ("inner_lr", "eval_inner_lr"):
+    if learner.get(field) is not None:
+      _positive_number(f"learner.{field}", learner[field])
+  for field in ("num_inner_steps", "eval_num_inner_steps"):
+    if learner.get(field) is not None:
+      _int_at_least(cfg, f"learner.{field}", 0)
+  rate = cfg["optimizer"].get("learning_rate")
+  if isinstance(rate, Mapping):
+    # A schedule: check its starting value where it has one.
+    for field in ("init_value", "value", "peak_value"):
+      if field in rate:
+        _positive_number(f"optimizer.learning_rate.{field}", rate[field])
+  elif rate is not None:
+    _positive_number("optimizer.learning_rate", rate)
+
+
+def _validate_trainer(cfg) -> None:
+  for field in (
+      "num_steps", "meta_batch_size", "steps_per_call", "log_every",
+      "checkpoint_every", "max_to_keep", "eval_batch_size",
+  ):
+    _int_at_least(cfg, f"trainer.{field}", 1)
+  for field in ("eval_every", "test_episodes"):
+    _int_at_least(cfg, f"trainer.{field}", 0)
+  if _get(cfg, "trainer.eval_every"):
+    _int_at_least(cfg, "trainer.val_episodes", 1)
+    _multiple_of(cfg, "trainer.eval_every", "trainer.log_every")
+  _multiple_of(cfg, "trainer.log_every", "trainer.steps_per_call")
+  _multiple_of(cfg, "trainer.checkpoint_every", "trainer.log_every")
+  _one_of(cfg, "trainer.task_map", TASK_MAPS)
+  _bool(cfg, "trainer.resume")
+  _bool(cfg, "trainer.progress")
+  if not _is_int(_get(cfg, "trainer.eval_seed")):
+    raise ConfigError(
+        f"trainer.eval_seed must be an int, got {cfg['trainer']['eval_seed']!r}"
+    )
+  ckpt = _get(cfg, "trainer.checkpoint_dir")
+  if ckpt is not None and not isinstance(ckpt, str):
+    raise ConfigError(f"trainer.checkpoint_dir must be a path, got {ckpt!r}")
+
+
+def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+  """Checks a whole run config without loading data or compiling anything.
+
+  Args:
+    cfg: the composed config (``DictConfig``) or its plain form.
+
+  Returns:
+    The plain, resolved config.
+
+  Raises:
+    ConfigError: on the first bad field, in one line naming it and, where
+      there is a fixed set, the allowed values.
+  """
+  cfg = to_plain(cfg)
+  if not _is_int(_get(cfg, "seed")):
+    raise ConfigError(f"seed must be an int, got {cfg['seed']!r}")
+  _validate_task(cfg)
+  for group in ("model", "learner", "optimizer"):
+    _target(cfg, group)
+  _validate_head(cfg)
+  _validate_rates(cfg)
+  _validate_trainer(cfg)
+  _one_of(cfg, "logger.kind", LOGGERS)
+  return cfg
+
+
+def _instantiate(node: Mapping[str, Any], group: str) -> Any:
+  target = _target({group: node}, group)
+  try:
+    hydra.utils.get_object(target)
+  except Exception as e:
+    raise ConfigError(
+        f"{group}._target_={target!r} cannot be imported: {_first_line(e)}"
+    ) from e
+  try:
+    return hydra.utils.instantiate(node, _convert_="all")
+  except InstantiationException as e:
+    cause = e.__cause__ or e
+    raise ConfigError(
+        f"{group}: building {target} failed: {type(cause).__name__}: "
+        f"{_first_line(cause)}"
+    ) from e
+
+
+def build_learner(cfg: Mapping[str, Any]) -> MetaLearner:
+  """Instantiates ``cfg["learner"]``, building its network on the way."""
+  learner = _instantiate(cfg["learner"], "learner")
+  if not isinstance(learner, MetaLearner):
+    raise ConfigError(
+        f"learner._target_={cfg['learner']['_target_']!r} returned a "
+        f"{type(learner).__name__}, not a metalearn MetaLearner"
+    )
+  return learner
+
+
+def build_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
+  """Instantiates ``cfg["optimizer"]`` (and a learning-rate schedule)."""
+  tx = _instantiate(cfg["optimizer"], "optimizer")
+  if not isinstance(tx, optax.GradientTransformation):
+    raise ConfigError(
+        f"optimizer._target_={cfg['optimizer']['_target_']!r} returned a "
+        f"{type(tx).__name__}, not an optax GradientTransformation"
+    )
+  return tx
+
+
+def load_splits(task: Mapping[str, Any]) -> data.DatasetSplits | None:
+  """Loads the dataset a task config names (``None`` for sinusoid).
+
+  Raises:
+    DatasetNotFoundError: if the data directory does not hold the dataset;
+      its message says which files to put where.
+  """
+  if task["dataset"] == "omniglot":
+    return data.load_omniglot(
+        task["data_dir"],
+        image_size=task["image_size"],
+        split_scheme=task["split_scheme"],
+        rotations=task["rotations"],
+    )
+  if task["dataset"] == "mini_imagenet":
+    return data.load_mini_imagenet(
+        task["data_dir"], image_size=task["image_size"]
+    )
+  return None
+
+
+def _episode_sampler(task, pool, split: str) -> tasks.TaskSampler:
+  train = split == "train"
+  prefix = "train_" if train else ""
+  num_ways = task[f"{prefix}num_ways"]
+  num_queries = task[f"{prefix}num_queries"]
+  try:
+    tasks.validate_episode_request(
+        num_classes=pool.num_classes,
+        examples_per_class=pool.examples_per_class,
+        num_ways=num_ways,
+        num_shots=task["num_shots"],
+        num_queries=num_queries,
+    )
+  except ValueError as e:
+    # The library names the argument; name the config field instead.
+    field = {"num_ways": f"{prefix}num_ways",
+             "num_queries": f"{prefix}num_queries", "num_shots": "num_shots"}
+    message = re.sub(
+        r"\bnum_(ways|shots|queries)\b",
+        lambda m: "task." + field[m.group(0)],
+        str(e),
+    )
+    raise ConfigError(
+        f"{message} ({task['dataset']} {split} split)"
+    ) from e
+  return tasks.episode_sampler(
+      pool, num_ways=num_ways, num_shots=task["num_shots"],
+      num_queries=num_queries,
+  )
+
+
+def build_samplers(
+    task: Mapping[str, Any], splits: data.DatasetSplits | None
+) -> Samplers:
+  """The train/val/test samplers of a validated task config.
+
+  Meta-training uses ``train_num_ways`` and ``train_num_queries``;
+  validation and test use ``num_ways`` and ``num_queries``.
+
+  Raises:
+    ConfigError: if a split cannot supply the episodes (more ways than
+      classes, more shots plus queries than examples per class).
+  """
+  if task["dataset"] == "sinusoid":
+    def make(num_queries):
+      try:
+        return tasks.sinusoid_sampler(
+            num_shots=task["num_shots"],
+            num_queries=num_queries,
+            amplitude=tuple(task["amplitude"]),
+            phase=tuple(task["phase"]),
+            x_range=tuple(task["x_range"]),
+        )
+      except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"task (sinusoid): {e}") from e
+
+    test = make(task["num_queries"])
+    return Samplers(make(task["train_num_queries"]), test, test)
+  # Test and val first: they read num_ways itself, which train_num_ways
+  # usually interpolates, so the error names the field the user set.
+  test, val, train = (
+      _episode_sampler(task, getattr(splits, split), split)
+      for split in ("test", "val", "train")
+  )
+  return Samplers(train, val, test)

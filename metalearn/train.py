@@ -1,0 +1,28 @@
+"""``metalearn-train``: meta-train and test one hydra-composed experiment.
+
+Examples (from the repository root)::
+
+  metalearn-train experiment=omniglot_5w1s_maml
+  metalearn-train learner=protonet model=conv4_protonet trainer.num_steps=2000
+  metalearn-train debug=smoke                  # 2 meta-steps, console only
+  metalearn-train -m learner=maml,protonet seed=0,1          # a sweep
+  metalearn-train hydra.run.dir=outputs/my_run trainer.resume=true
+
+The logic lives in :mod:`metalearn.experiment`; this file only hands hydra's
+config to :func:`metalearn.experiment.run_hydra`.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from metalearn import experiment
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+  """Runs the experiment; returns its test accuracy (or loss) for sweepers."""
+  return experiment.run_hydra(cfg)
+
+
+if __name__ == "__main__":
+  main()

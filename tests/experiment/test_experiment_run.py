@@ -1,0 +1,238 @@
+"""End-to-end runs: every learner at smoke size, exact resume after SIGKILL,
+a local multirun, checkpoints and the logger adapter."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from metalearn import experiment, metalearners, models, tasks, training
+
+LEARNERS = ("maml", "fomaml", "anil", "metasgd", "reptile", "protonet")
+# Sinusoid MAML, logged and checkpointed every step: the cheapest real run.
+SINUSOID = (
+    "experiment=sinusoid_maml", "logger=none", "trainer.meta_batch_size=4",
+    "trainer.log_every=1", "trainer.checkpoint_every=1",
+    "trainer.test_episodes=0", "trainer.progress=false",
+)
+
+
+def _leaves_equal(a, b) -> bool:
+  same_structure = jax.tree.structure(a) == jax.tree.structure(b)
+  return same_structure and all(
+      np.array_equal(x, y)
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
+
+
+def _finished_steps(directory: pathlib.Path) -> list[int]:
+  """Steps of complete checkpoints (orbax renames a finished one to N)."""
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("learner", LEARNERS)
+def test_smoke_run_of_every_learner(compose_train, tmp_path, learner):
+  cfg = compose_train(
+      f"experiment=omniglot_5w1s_{learner}", "debug=smoke", "model.features=8"
+  )
+  results = experiment.run_experiment(cfg, tmp_path)
+  assert results["steps"] == 2
+  assert results["name"] == f"omniglot_5w1s_{learner}"
+  assert results["test/num_episodes"] == 4
+  assert 0.0 <= results["test/outer/accuracy"] <= 1.0
+  assert np.isfinite(results["test/outer/loss"])
+  assert json.loads((tmp_path / "results.json").read_text()) == results
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["learner"]["_target_"].endswith(
+      "maml" if learner == "fomaml" else learner
+  )
+  assert _finished_steps(tmp_path / "checkpoints") == [1, 2]
+
+
+@pytest.mark.slow
+def test_resume_in_process_matches_an_uninterrupted_run(
+    compose_train, tmp_path
+):
+  full, parts = tmp_path / "full", tmp_path / "parts"
+  experiment.run_experiment(
+      compose_train(*SINUSOID, "trainer.num_steps=6"), full
+  )
+  experiment.run_experiment(
+      compose_train(*SINUSOID, "trainer.num_steps=3"), parts
+  )
+  results = experiment.run_experiment(
+      compose_train(*SINUSOID, "trainer.num_steps=6", "trainer.resume=true"),
+      parts,
+  )
+  assert results["steps"] == 6
+  step_a, a = experiment.load_checkpoint(full / "checkpoints")
+  step_b, b = experiment.load_checkpoint(parts / "checkpoints")
+  assert step_a == step_b == 6
+  assert _leaves_equal(a, b)
+  # The checkpoint at step 3 differs from step 6: training did continue.
+  _, middle = experiment.load_checkpoint(parts / "checkpoints", step=3)
+  assert not _leaves_equal(middle["meta_params"], b["meta_params"])
+
+
+def _train_command(run_dir, *overrides):
+  return [
+      sys.executable, "-m", "metalearn.train", *SINUSOID,
+      "trainer.num_steps=40", "trainer.max_to_keep=2",
+      f"hydra.run.dir={run_dir}", *overrides,
+  ]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+  full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+  full = subprocess.Popen(
+      _train_command(full_dir), cwd=tmp_path,
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+  )
+  killed = subprocess.Popen(
+      _train_command(killed_dir), cwd=tmp_path,
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+  )
+  try:
+    deadline = time.monotonic() + 300
+    while not _finished_steps(killed_dir / "checkpoints"):
+      assert killed.poll() is None, "the run ended before its first checkpoint"
+      assert time.monotonic() < deadline, "no checkpoint after 300 s"
+      time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+  finally:
+    if killed.poll() is None:
+      killed.kill()
+  at_kill = _finished_steps(killed_dir / "checkpoints")
+  assert 1 <= at_kill[-1] < 40, at_kill
+
+  resumed = subprocess.run(
+      _train_command(killed_dir, "trainer.resume=true"), cwd=tmp_path,
+      capture_output=True, text=True, timeout=300,
+  )
+  assert resumed.returncode == 0, resumed.stderr
+  _, stderr = full.communicate(timeout=300)
+  assert full.returncode == 0, stderr
+
+  log = (killed_dir / "train.log").read_text()
+  assert "resuming from the checkpoint at step" in log
+  step_a, a = experiment.load_checkpoint(full_dir / "checkpoints")
+  step_b, b = experiment.load_checkpoint(killed_dir / "checkpoints")
+  assert step_a == step_b == 40
+  assert _leaves_equal(a, b)
+
+
+@pytest.mark.slow
+def test_local_multirun_of_two_jobs(tmp_path):
+  sweep = tmp_path / "sweep"
+  result = subprocess.run(
+      [sys.executable, "-m", "metalearn.train", "-m", "debug=smoke",
+       "task=sinusoid", "model=mlp", "learner.inner_lr=0.01",
+       "learner=maml,reptile", f"hydra.sweep.dir={sweep}"],
+      capture_output=True, text=True, timeout=300, cwd=tmp_path,
+  )
+  assert result.returncode == 0, result.stderr
+  names = set()
+  for job in ("0", "1"):
+    results = json.loads((sweep / job / "results.json").read_text())
+    assert results["steps"] == 2
+    assert results["run_dir"] == str(sweep / job)
+    names.add(results["name"])
+  assert names == {"sinusoid_maml", "sinusoid_reptile"}
+
+
+def test_checkpoints_keep_the_newest_and_restore_exactly(tmp_path):
+  sampler = tasks.sinusoid_sampler(num_shots=5, num_queries=5)
+  learner = metalearners.metasgd(models.mlp(hidden=(8,)), inner_lr=0.01)
+  tx = optax.adam(1e-3)
+  state = training.init_state(learner, tx, sampler, jax.random.key(0))
+  manager = experiment.checkpoint_manager(
+      tmp_path, save_every=2, max_to_keep=2
+  )
+  saved = {}
+  for step in range(1, 8):
+    state = state._replace(
+        step=state.step + 1,
+        meta_params=jax.tree.map(lambda p: p + 1.0, state.meta_params),
+    )
+    if experiment.save_state(manager, state, force=step == 7):
+      saved[step] = state
+  manager.wait_until_finished()
+  assert sorted(saved) == [2, 4, 6, 7]
+  assert manager.all_steps() == [6, 7]
+  like = training.init_state(learner, tx, sampler, jax.random.key(1))
+  restored = experiment.restore_state(manager, like)
+  manager.close()
+  assert isinstance(restored, training.MetaTrainState)
+  assert isinstance(restored.meta_params, metalearners.MetaSGDParams)
+  assert _leaves_equal(restored, saved[7])
+
+
+def test_restore_from_an_empty_directory_gives_none(tmp_path):
+  sampler = tasks.sinusoid_sampler(num_shots=5, num_queries=5)
+  learner = metalearners.maml(models.mlp(hidden=(8,)), inner_lr=0.01)
+  tx = optax.sgd(0.1)
+  like = training.init_state(learner, tx, sampler, jax.random.key(0))
+  with experiment.checkpoint_manager(tmp_path, save_every=1) as manager:
+    assert experiment.restore_state(manager, like) is None
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    experiment.load_checkpoint(tmp_path)
+
+
+def test_wandb_mode(monkeypatch, tmp_path):
+  missing = tmp_path / "no_netrc"
+  monkeypatch.delenv("WANDB_MODE")
+  monkeypatch.delenv("WANDB_API_KEY", raising=False)
+  assert experiment.wandb_mode(netrc_path=missing) == "offline"
+  assert experiment.wandb_mode("online", netrc_path=missing) == "online"
+  netrc = tmp_path / "netrc"
+  netrc.write_text("machine api.wandb.ai login user password not-a-key\n")
+  netrc.chmod(0o600)
+  assert experiment.wandb_mode(netrc_path=netrc) == "online"
+  monkeypatch.setenv("WANDB_MODE", "disabled")
+  assert experiment.wandb_mode(netrc_path=netrc) == "disabled"
+
+
+def test_wandb_logger_runs_disabled(tmp_path):
+  assert os.environ["WANDB_MODE"] == "disabled"
+  logger = experiment.make_logger(
+      {"kind": "wandb", "project": "metalearn-tests", "tags": ["test"]},
+      run_dir=tmp_path, name="test", config={"seed": 0},
+  )
+  logger.log({"outer/loss": 1.0}, 1)
+  logger.summary({"test/outer/accuracy": 0.5})
+  logger.finish(0)
+
+
+def test_console_logger_logs_metrics(caplog):
+  logger = experiment.make_logger(
+      {"kind": "none"}, run_dir=".", name="test", config={}
+  )
+  with caplog.at_level("INFO", logger="metalearn.experiment"):
+    logger.log({"outer/loss": 0.25, "tasks_per_sec": 100.0}, 7)
+  assert "step 7: outer/loss=0.25 tasks_per_sec=100" in caplog.text
+
+
+def test_import_metalearn_leaves_the_experiment_stack_unloaded():
+  code = (
+      "import sys, metalearn; "
+      "loaded = [m for m in ('metalearn.experiment', 'orbax', 'hydra', "
+      "'omegaconf', 'wandb') if m in sys.modules]; "
+      "assert not loaded, loaded"
+  )
+  result = subprocess.run(
+      [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0, result.stderr
