@@ -20,6 +20,7 @@ import pytest
 from metalearn.types import ClassPool
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+SCRIPTS = ("conv_in_scan", "pooling", "sampling", "throughput")
 
 
 def _load(name: str):
@@ -33,10 +34,10 @@ def _load(name: str):
 
 @pytest.fixture(scope="module")
 def bench():
-  """The three scripts as modules (their folder on ``sys.path``)."""
+  """The scripts as modules (their folder on ``sys.path``)."""
   sys.path.insert(0, str(BENCH_DIR))
   try:
-    yield {n: _load(n) for n in ("conv_in_scan", "sampling", "throughput")}
+    yield {n: _load(n) for n in SCRIPTS}
   finally:
     sys.path.remove(str(BENCH_DIR))
 
@@ -63,6 +64,22 @@ def test_conv_in_scan_smoke(bench, tmp_path):
     for field in ("lax_gflops", "conv2d_gflops", "lax_s", "conv2d_s"):
       assert r[field] > 0, (r, field)
     assert r["speedup"] == pytest.approx(r["conv2d_gflops"] / r["lax_gflops"])
+
+
+def test_pooling_smoke(bench, tmp_path):
+  result = _run(bench["pooling"], tmp_path)
+  assert result["benchmark"] == "pooling"
+  assert [r["op"] for r in result["results"]] == ["forward", "gradient"]
+  for r in result["results"]:
+    assert r["reduce_window_ms"] > 0 and r["reshape_max_ms"] > 0
+    assert r["speedup"] == pytest.approx(
+        r["reduce_window_ms"] / r["reshape_max_ms"]
+    )
+
+
+def test_every_script_is_smoke_tested():
+  scripts = {p.stem for p in BENCH_DIR.glob("*.py")} - {"_harness"}
+  assert scripts == set(SCRIPTS)
 
 
 def test_conv_flops_counts_padded_taps(bench):

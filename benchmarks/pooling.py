@@ -1,0 +1,92 @@
+"""2x2 max-pooling on XLA:CPU: ``lax.reduce_window`` vs reshape and max.
+
+Times the forward pass and the gradient (``jax.vjp``) of 2x2, stride-2
+max-pooling of a ``[80, 28, 28, 64]`` float32 batch (Conv-4's first block
+on a 5-way 1-shot, 15-query task) with ``flax.linen.max_pool``, which lowers
+to ``lax.reduce_window``, and with ``metalearn.models.max_pool_2x2``, which
+reshapes and takes a max.
+
+Usage:
+  python benchmarks/pooling.py --out results/pooling.json
+"""
+
+import argparse
+import sys
+
+import _harness
+import flax.linen as nn
+import jax
+
+from metalearn import models
+
+IMPLS = {
+    "reduce_window": lambda x: nn.max_pool(x, (2, 2), (2, 2)),
+    "reshape_max": models.max_pool_2x2,
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--batch", type=int, default=80)
+  p.add_argument("--size", type=int, default=28)
+  p.add_argument("--channels", type=int, default=64)
+  p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--smoke", action="store_true",
+                 help="tiny sizes and 1 repeat, to check that it runs")
+  p.add_argument("--out", default=None, help="write a JSON of the results")
+  args = p.parse_args(argv)
+  if args.smoke:
+    args.batch, args.channels, args.repeats = 4, 8, 1
+  for name in ("batch", "size", "channels", "repeats"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name} must be >= 1")
+  return args
+
+
+def measure(args) -> list[dict]:
+  kx, kg = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, (args.batch, args.size, args.size, args.channels))
+  g = jax.random.normal(kg, IMPLS["reshape_max"](x).shape)
+  programs = {
+      "forward": lambda pool: jax.jit(pool),
+      "gradient": lambda pool: jax.jit(lambda x, g: jax.vjp(pool, x)[1](g)),
+  }
+  rows = []
+  for op, make in programs.items():
+    row = {"op": op}
+    for impl, pool in IMPLS.items():
+      f = make(pool)
+      inputs = (x,) if op == "forward" else (x, g)
+      jax.block_until_ready(f(*inputs))  # Compile and warm up.
+      times = _harness.time_calls(
+          lambda f=f, a=inputs: jax.block_until_ready(f(*a)), args.repeats)
+      row[f"{impl}_ms"] = 1e3 * _harness.median(times)
+    row["speedup"] = row["reduce_window_ms"] / row["reshape_max_ms"]
+    rows.append(row)
+  return rows
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  machine = _harness.machine_info()
+  rows = measure(args)
+  print(f"\n2x2 max-pool of [{args.batch}, {args.size}, {args.size}, "
+        f"{args.channels}] float32, median of {args.repeats}; "
+        f"{machine['cpu']} ({machine['cpu_count']} cores), jax "
+        f"{machine['jax']}\n")
+  print(_harness.markdown_table(
+      ["op", "lax.reduce_window (ms)", "reshape + max (ms)",
+       "reduce_window / reshape"],
+      [[r["op"], r["reduce_window_ms"], r["reshape_max_ms"], r["speedup"]]
+       for r in rows],
+  ))
+  config = {k: v for k, v in vars(args).items() if k != "out"}
+  _harness.write_json(
+      args.out, {"benchmark": "pooling", "machine": machine,
+                 "config": config, "results": rows},
+  )
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
