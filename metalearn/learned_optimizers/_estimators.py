@@ -1,0 +1,239 @@
+"""Meta-gradient estimators over truncated unrolls: how theta's gradient is
+estimated, apart from what is learned (:class:`TruncatedUnroll`)."""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from metalearn.learned_optimizers._unroll import InnerState, TruncatedUnroll
+
+PyTree = Any
+Metrics = dict[str, jax.Array]
+
+
+class GradientEstimator(NamedTuple):
+  """A meta-gradient estimator over particles of persistent inner runs.
+
+  Attributes:
+    init: ``init(theta, key, data) -> state``: the particles' inner runs
+      (and any estimator memory).
+    grad: ``grad(theta, state, key, data) -> (grads, state, metrics)``:
+      advances every particle by one truncation and returns an estimate of
+      the gradient of the meta-objective with respect to ``theta``, the
+      new state and metrics (``"meta_loss"``, the mean meta-loss of the
+      truncation). Pure and jittable.
+  """
+
+  init: Callable[[PyTree, jax.Array, PyTree], PyTree]
+  grad: Callable[..., tuple[PyTree, PyTree, Metrics]]
+
+
+class PESState(NamedTuple):
+  """Particles of :func:`pes`, leading axis ``[num_pairs]``.
+
+  Attributes:
+    positive: the inner runs unrolled with ``theta + epsilon``.
+    negative: their antithetic twins, unrolled with ``theta - epsilon``.
+    accumulated: ``xi``, the sum of the perturbations each pair has seen
+      since its task began (a tree shaped like ``theta``).
+  """
+
+  positive: InnerState
+  negative: InnerState
+  accumulated: PyTree
+
+
+def _check_particles(name, value):
+  if not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _init_particles(unroll: TruncatedUnroll, theta, key, data, num, stagger):
+  """Fresh inner runs; with ``stagger``, each starts a random number of
+  truncations into its horizon, so that resets do not happen in lockstep
+  (which would make every meta-step see the same phase of training)."""
+  init_key, stagger_key = jax.random.split(key)
+  keys = jax.random.split(init_key, num)
+  states = jax.vmap(unroll.init, in_axes=(None, 0, None))(theta, keys, data)
+  if stagger:
+    num_truncations = unroll.horizon // unroll.truncation_length
+    offset = jax.random.randint(stagger_key, (num,), 0, num_truncations)
+    states = states._replace(
+        step=(offset * unroll.truncation_length).astype(jnp.int32)
+    )
+  return states
+
+
+def truncated_backprop(
+    unroll: TruncatedUnroll, *, num_particles: int, stagger: bool = True
+) -> GradientEstimator:
+  r"""Truncated backpropagation through time.
+
+  Each particle unrolls ``truncation_length`` inner steps from its carried
+  state; the estimate is the exact gradient of the mean meta-loss of the
+  truncation with respect to ``theta``, with the carried state treated as
+  a constant. That cuts the dependence of later losses on earlier updates:
+  cheap and low-variance, but biased towards short-horizon (greedy)
+  optimisers.
+
+  Args:
+    unroll: what is learned.
+    num_particles: inner runs, vmapped.
+    stagger: start the particles at different points of their horizon.
+
+  Returns:
+    A :class:`GradientEstimator` whose state is a batched
+    :class:`InnerState`.
+
+  References:
+    Williams & Peng, `An efficient gradient-based algorithm for on-line
+    training of recurrent network trajectories
+    <https://doi.org/10.1162/neco.1990.2.4.490>`_, 1990.
+  """
+  _check_particles("num_particles", num_particles)
+
+  def init(theta, key, data):
+    return _init_particles(unroll, theta, key, data, num_particles, stagger)
+
+  def grad(theta, states: InnerState, key, data):
+    keys = jax.random.split(key, num_particles)
+
+    def mean_loss(theta):
+      states_out, losses = jax.vmap(
+          unroll.unroll, in_axes=(None, 0, 0, None)
+      )(theta, jax.lax.stop_gradient(states), keys, data)
+      return jnp.mean(losses), states_out
+
+    (loss, states), grads = jax.value_and_grad(mean_loss, has_aux=True)(
+        theta)
+    return grads, states, {"meta_loss": loss}
+
+  return GradientEstimator(init, grad)
+
+
+def pes(
+    unroll: TruncatedUnroll,
+    *,
+    num_pairs: int,
+    sigma: float = 0.01,
+    stagger: bool = True,
+) -> GradientEstimator:
+  r"""Persistent evolution strategies (antithetic).
+
+  Each pair of particles draws :math:`\epsilon \sim N(0, \sigma^2 I)` per
+  truncation and unrolls :math:`\theta + \epsilon` and :math:`\theta -
+  \epsilon` from its own carried states, on the same task and minibatches.
+  The pair accumulates :math:`\xi \leftarrow \xi + \epsilon` over the
+  truncations of its task (reset with the task), and the estimate is
+
+  .. math::
+    \hat g = \frac{1}{2 \sigma^2 P} \sum_{p=1}^{P}
+      \xi_p \, (L_p^+ - L_p^-).
+
+  Summed over the truncations of a task, it is an unbiased estimate of the
+  gradient of the Gaussian-smoothed meta-objective of the *whole* unroll,
+  in which each truncation gets its own perturbation: accumulating
+  :math:`\xi` credits a truncation's loss to the perturbations of every
+  earlier truncation that shaped its inner state. Truncated ES (the same
+  without accumulation) is biased in the same way as truncated backprop.
+  No backward pass is needed, and the unroll may be non-differentiable or
+  chaotic. Pairs with a non-finite loss are left out of the estimate (the
+  ``"nonfinite"`` metric counts them).
+
+  Args:
+    unroll: what is learned.
+    num_pairs: antithetic pairs :math:`P` (``2 P`` inner runs).
+    sigma: the perturbation scale :math:`\sigma`.
+    stagger: start the pairs at different points of their horizon.
+
+  Returns:
+    A :class:`GradientEstimator` whose state is a :class:`PESState`.
+
+  References:
+    Vicol, Metz & Sohl-Dickstein, `Unbiased Gradient Estimation in Unrolled
+    Computation Graphs with Persistent Evolution Strategies
+    <https://arxiv.org/abs/2112.13835>`_, 2021.
+  """
+  return _antithetic_es(unroll, num_pairs, sigma, stagger, persistent=True)
+
+
+def truncated_es(
+    unroll: TruncatedUnroll,
+    *,
+    num_pairs: int,
+    sigma: float = 0.01,
+    stagger: bool = True,
+) -> GradientEstimator:
+  r"""Truncated evolution strategies (antithetic), for comparison with PES.
+
+  As :func:`pes`, but each truncation's estimate uses only its own
+  perturbation (:math:`\xi = \epsilon`): it ignores how earlier
+  perturbations shaped the carried inner state, so, like truncated
+  backprop, it is biased on long unrolls. Arguments as in :func:`pes`.
+
+  Returns:
+    A :class:`GradientEstimator` whose state is a :class:`PESState`.
+
+  References:
+    Metz et al., `Understanding and correcting pathologies in the training
+    of learned optimizers <https://arxiv.org/abs/1810.10180>`_, 2019.
+  """
+  return _antithetic_es(unroll, num_pairs, sigma, stagger, persistent=False)
+
+
+def _antithetic_es(unroll, num_pairs, sigma, stagger, persistent):
+  _check_particles("num_pairs", num_pairs)
+  if not sigma > 0:
+    raise ValueError(f"sigma must be > 0, got {sigma}")
+  vmapped_unroll = jax.vmap(unroll.unroll, in_axes=(0, 0, 0, None))
+
+  def init(theta, key, data):
+    states = _init_particles(unroll, theta, key, data, num_pairs, stagger)
+    accumulated = jax.tree.map(
+        lambda t: jnp.zeros((num_pairs, *jnp.shape(t)), jnp.result_type(t)),
+        theta,
+    )
+    # The twins start equal, but as separate buffers (states are donated).
+    return PESState(states, jax.tree.map(jnp.copy, states), accumulated)
+
+  def grad(theta, state: PESState, key, data):
+    noise_key, unroll_key = jax.random.split(key)
+    leaves, treedef = jax.tree.flatten(theta)
+    noise_keys = jax.random.split(noise_key, len(leaves))
+    eps = treedef.unflatten([
+        sigma * jax.random.normal(k, (num_pairs, *jnp.shape(t)))
+        for k, t in zip(noise_keys, leaves, strict=True)
+    ])
+    # A pair whose task ends is reset inside the unroll; its memory of the
+    # old task's perturbations must go with it.
+    reset = state.positive.step >= unroll.horizon
+
+    def restart(xi, e):
+      if not persistent:
+        return e
+      keep = jnp.where(reset, 0.0, 1.0).reshape((-1,) + (1,) * (e.ndim - 1))
+      return xi * keep + e
+
+    accumulated = jax.tree.map(restart, state.accumulated, eps)
+    keys = jax.random.split(unroll_key, num_pairs)
+    plus = jax.tree.map(lambda t, e: t + e, theta, eps)
+    minus = jax.tree.map(lambda t, e: t - e, theta, eps)
+    positive, loss_pos = vmapped_unroll(plus, state.positive, keys, data)
+    negative, loss_neg = vmapped_unroll(minus, state.negative, keys, data)
+    # A pair whose inner run diverged (a non-finite loss) contributes
+    # nothing; its inner state is replaced at the next reset.
+    finite = jnp.isfinite(loss_pos) & jnp.isfinite(loss_neg)
+    diff = jnp.where(finite, loss_pos - loss_neg, 0.0) / (2 * sigma**2)
+    grads = jax.tree.map(
+        lambda xi: jnp.tensordot(diff, xi, axes=1) / num_pairs, accumulated
+    )
+    mean_loss = jnp.where(finite, 0.5 * (loss_pos + loss_neg), 0.0)
+    metrics = {
+        "meta_loss": jnp.sum(mean_loss) / jnp.maximum(jnp.sum(finite), 1),
+        "nonfinite": 1.0 - jnp.mean(finite),
+    }
+    return grads, PESState(positive, negative, accumulated), metrics
+
+  return GradientEstimator(init, grad)

@@ -1,0 +1,243 @@
+"""Meta-gradient estimators: gradients flow through the unroll, truncated
+backprop is exact over a whole horizon, PES is unbiased where truncated ES
+is not, and particles persist and reset correctly."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from metalearn import learned_optimizers as lo
+from metalearn import models, tasks
+
+# ---------------------------------------------------------------------------
+# A problem whose meta-gradient is known in closed form.
+#
+# The inner "optimiser" adds a learned constant step: x_{t+1} = x_t - theta,
+# from x_0 = 0, on the loss 0.5 |x - b|^2. The meta-objective of a task is
+# the sum over its K truncations of the mean loss after each step, and
+# x_t = -sum_{s<t} theta_s is linear in the per-step thetas, so the loss is
+# quadratic in them. Gaussian smoothing of a quadratic only adds a constant,
+# so the gradient of PES's smoothed objective (each truncation perturbed
+# independently) is the plain gradient:
+#     d/dtheta sum_k mean_{t in k} 0.5 |t theta + b|^2
+#         = sum_k mean_{t in k} t (t theta + b).
+# ---------------------------------------------------------------------------
+
+TARGET = jnp.array([1.0, -2.0, 0.5])
+THETA = jnp.array([0.3, -0.1, 0.2])
+TRUNCATION, HORIZON = 2, 6
+
+
+def _constant_step() -> lo.LearnedOptimizer:
+  def opt_fn(theta):
+    def update(updates, state, params=None, **extra):
+      del params, extra
+      return jax.tree.map(lambda _: -theta, updates), state
+
+    return optax.GradientTransformationExtraArgs(
+        lambda p: optax.EmptyState(), update
+    )
+
+  return lo.LearnedOptimizer(lambda key: THETA, opt_fn)
+
+
+def _quadratic_family() -> lo.TaskFamily:
+  return lo.TaskFamily(
+      sample=lambda key, data: TARGET,
+      init=lambda key, task: jnp.zeros(3),
+      loss=lambda x, task, key: 0.5 * jnp.sum((x - task) ** 2),
+      eval_loss=lambda x, task: 0.5 * jnp.sum((x - task) ** 2),
+      data=None,
+  )
+
+
+def _quadratic_unroll(truncation=TRUNCATION):
+  return lo.truncated_unroll(
+      _quadratic_family(), _constant_step(),
+      truncation_length=truncation, horizon=HORIZON,
+  )
+
+
+def _true_gradient(theta):
+  t = jnp.arange(1, HORIZON + 1, dtype=jnp.float32)[:, None]
+  per_step = t * (t * theta + TARGET)  # d/dtheta 0.5 |-t theta - b|^2
+  return per_step.sum(0) / TRUNCATION
+
+
+@functools.cache
+def _es_samples(persistent: bool, num_pairs: int, num_repeats: int):
+  """Independent whole-task ES estimates (sum over the truncations of one
+  task), each averaging ``num_pairs`` antithetic pairs: ``[repeats, 3]``."""
+  make = lo.pes if persistent else lo.truncated_es
+  estimator = make(_quadratic_unroll(), num_pairs=num_pairs, sigma=0.1,
+                   stagger=False)
+
+  def whole_task(key):
+    state = estimator.init(THETA, jax.random.fold_in(key, 1000), None)
+    total = jnp.zeros(3)
+    for k in range(HORIZON // TRUNCATION):
+      grads, state, _ = estimator.grad(
+          THETA, state, jax.random.fold_in(key, k), None
+      )
+      total = total + grads
+    return total
+
+  keys = jax.random.split(jax.random.key(0), num_repeats)
+  return np.asarray(jax.jit(jax.vmap(whole_task))(keys))
+
+
+def test_truncated_backprop_over_the_whole_horizon_is_exact():
+  estimator = lo.truncated_backprop(
+      _quadratic_unroll(truncation=HORIZON), num_particles=2, stagger=False
+  )
+  state = estimator.init(THETA, jax.random.key(0), None)
+  grads, _, _ = jax.jit(estimator.grad)(THETA, state, jax.random.key(1),
+                                        None)
+  # The truncation's meta-loss is a mean over HORIZON steps, not a sum over
+  # truncations of means: rescale the closed form accordingly.
+  expected = _true_gradient(THETA) * TRUNCATION / HORIZON
+  np.testing.assert_allclose(grads, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_pairs", [64, 1024])
+def test_pes_is_unbiased_on_a_quadratic(num_pairs):
+  samples = _es_samples(True, num_pairs, 32)
+  mean = samples.mean(0)
+  # The standard error of the mean of the repeats shrinks as
+  # 1 / sqrt(num_pairs * repeats); allow five of them per coordinate.
+  stderr = samples.std(0, ddof=1) / np.sqrt(len(samples))
+  true = np.asarray(_true_gradient(THETA))
+  np.testing.assert_array_less(np.abs(mean - true), 5 * stderr + 1e-6)
+  assert np.all(stderr < 0.05 * np.abs(true).max()), stderr
+
+
+def test_standard_error_shrinks_with_the_number_of_pairs():
+  small = _es_samples(True, 64, 32).std(0, ddof=1)
+  large = _es_samples(True, 1024, 32).std(0, ddof=1)
+  # sqrt(1024 / 64) = 4: allow sampling noise in the estimated spreads.
+  np.testing.assert_array_less(large, small / 2.5)
+
+
+def test_truncated_es_is_biased_on_the_same_problem():
+  """Without the accumulated perturbations, the estimator misses how
+  earlier truncations' theta shaped later losses: a check that the PES
+  test above can fail."""
+  samples = _es_samples(False, 1024, 32)
+  stderr = samples.std(0, ddof=1) / np.sqrt(len(samples))
+  error = np.abs(samples.mean(0) - np.asarray(_true_gradient(THETA)))
+  assert np.any(error > 20 * stderr), (error, stderr)
+
+
+def test_pes_forgets_perturbations_when_a_task_resets():
+  """At the horizon, a pair's task restarts, and so does its memory: the
+  truncation after the reset gives exactly what a fresh pair gives."""
+  estimator = lo.pes(_quadratic_unroll(), num_pairs=3, sigma=0.1,
+                     stagger=False)
+  grad = jax.jit(estimator.grad)
+  state = estimator.init(THETA, jax.random.key(0), None)
+  sums = []
+  for k in range(HORIZON // TRUNCATION):
+    _, state, _ = grad(THETA, state, jax.random.key(k), None)
+    sums.append(state.accumulated)
+  np.testing.assert_array_equal(state.positive.step, [HORIZON] * 3)
+  # Within a task, xi keeps growing (a sum of independent perturbations).
+  assert not np.allclose(sums[0], sums[-1])
+  after_key = jax.random.key(HORIZON // TRUNCATION)
+  got = grad(THETA, state, after_key, None)
+  fresh = estimator.init(THETA, jax.random.key(99), None)
+  want = grad(THETA, fresh, after_key, None)
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(got[1].positive.step, [TRUNCATION] * 3)
+
+
+# ---------------------------------------------------------------------------
+# Real learned optimisers on a small task family.
+# ---------------------------------------------------------------------------
+
+LOPTS = {
+    "lstm": lambda: lo.lstm_optimizer(hidden_size=4),
+    "mlp": lambda: lo.mlp_optimizer(hidden_sizes=(4, 4)),
+    "meta_lstm": lambda: lo.meta_lstm_optimizer(0.01),
+}
+
+
+def _sinusoid_family():
+  return lo.model_task_family(
+      models.mlp(hidden=(4,)),
+      tasks.sinusoid_sampler(num_shots=6, num_queries=4),
+      batch_size=3,
+  )
+
+
+@pytest.mark.parametrize("name", sorted(LOPTS))
+def test_meta_gradient_flows_through_the_unroll(name):
+  lopt = LOPTS[name]()
+  unroll = lo.truncated_unroll(_sinusoid_family(), lopt,
+                               truncation_length=3, horizon=6)
+  estimator = lo.truncated_backprop(unroll, num_particles=2)
+  theta = lopt.init(jax.random.key(0))
+
+  @jax.jit
+  def two_truncations(theta, key):
+    state = estimator.init(theta, key, None)
+    _, state, _ = estimator.grad(theta, state, jax.random.fold_in(key, 1),
+                                 None)
+    return estimator.grad(theta, state, jax.random.fold_in(key, 2), None)
+
+  grads, state, metrics = two_truncations(theta, jax.random.key(1))
+  chex.assert_trees_all_equal_structs(grads, theta)
+  chex.assert_tree_all_finite((grads, metrics))
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    assert float(jnp.max(jnp.abs(g))) > 0.0, f"zero meta-gradient at {path}"
+  # The particles carried their inner runs across the truncations.
+  assert np.all(np.asarray(state.step) > 0)
+
+
+def test_outer_step_is_deterministic_and_resumable():
+  lopt = lo.learnable_sgd(0.01)
+  unroll = lo.truncated_unroll(_sinusoid_family(), lopt,
+                               truncation_length=2, horizon=4)
+  estimator = lo.pes(unroll, num_pairs=2)
+  tx = optax.adam(1e-2)
+  step = lo.make_outer_step(estimator, tx)
+  two = lo.make_outer_step(estimator, tx, steps_per_call=2)
+  key = jax.random.key(1)
+
+  def fresh():
+    return lo.init_outer_state(lopt, estimator, tx, jax.random.key(0))
+
+  one_by_one, _ = step(step(fresh(), None, key)[0], None, key)
+  at_once, _ = two(fresh(), None, key)
+  chex.assert_trees_all_close(one_by_one, at_once, rtol=1e-6)
+  assert int(at_once.step) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        pytest.param({"truncation_length": 0, "horizon": 4},
+                     "truncation_length", id="truncation"),
+        pytest.param({"truncation_length": 3, "horizon": 4},
+                     "horizon", id="not-a-multiple"),
+        pytest.param({"truncation_length": 2, "horizon": 4,
+                      "objective": "test"}, "objective", id="objective"),
+    ],
+)
+def test_bad_unroll_arguments_name_the_field(kwargs, field):
+  with pytest.raises(ValueError, match=field):
+    lo.truncated_unroll(_sinusoid_family(), lo.learnable_sgd(), **kwargs)
+
+
+def test_bad_estimator_arguments_name_the_field():
+  unroll = _quadratic_unroll()
+  with pytest.raises(ValueError, match="num_pairs"):
+    lo.pes(unroll, num_pairs=0)
+  with pytest.raises(ValueError, match="sigma"):
+    lo.pes(unroll, num_pairs=1, sigma=0.0)
+  with pytest.raises(ValueError, match="num_particles"):
+    lo.truncated_backprop(unroll, num_particles=0)
