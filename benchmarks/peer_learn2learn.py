@@ -249,10 +249,12 @@ def _maml_task(maml, task, steps: int):
 
 
 def _proto_task(model, task, ways: int, shots: int):
+  import torch
   import torch.nn.functional as F
 
   sx, sy, qx, qy = task
-  support, query = model(sx), model(qx)
+  embeddings = model(torch.cat([sx, qx]))  # One batch, as l2l's example.
+  support, query = embeddings[: len(sx)], embeddings[len(sx):]
   # _split sorts the support by label: rows of a class are consecutive.
   prototypes = support.view(ways, shots, -1).mean(dim=1)
   logits = -((query[:, None, :] - prototypes[None, :, :]) ** 2).sum(dim=2)
@@ -298,16 +300,19 @@ def _time_mode(name: str, args, next_task) -> dict:
 
   for _ in range(args.warmup):
     step()
-  times, loss = [], float("nan")
+  times, cpu_times, loss = [], [], float("nan")
   for _ in range(args.repeats):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     loss = step()
     if args.device.startswith("cuda"):
       torch.cuda.synchronize()
     times.append(time.perf_counter() - start)
+    cpu_times.append(time.process_time() - cpu_start)
   if loss != loss or abs(loss) == float("inf"):
     raise FloatingPointError(f"{name}: outer loss is {loss}")
-  return {"step_times_s": times,
+  # CPU seconds of the process per step: more than the wall time when
+  # threads run in parallel, less when other processes take the cores.
+  return {"step_times_s": times, "step_cpu_s": cpu_times,
           "tasks_per_s": args.batch / _harness.median(times),
           "outer_loss": loss}
 
