@@ -6,6 +6,14 @@ from metalearn.training._loop import (
     make_eval_fn,
     meta_train,
 )
+from metalearn.training._sharding import (
+    TASK_AXIS,
+    initialize_distributed,
+    map_devices,
+    replicate,
+    shard_tasks,
+    task_mesh,
+)
 from metalearn.training._step import (
     MetaTrainState,
     default_task_map,
@@ -17,11 +25,17 @@ from metalearn.training._step import (
 __all__ = (
     "MetaTrainState",
     "NonFiniteLossError",
+    "TASK_AXIS",
     "default_task_map",
     "evaluate",
     "init_state",
+    "initialize_distributed",
     "make_eval_fn",
     "make_meta_step",
+    "map_devices",
     "map_tasks",
     "meta_train",
+    "replicate",
+    "shard_tasks",
+    "task_mesh",
 )

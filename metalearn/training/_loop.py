@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from metalearn.metalearners import MetaLearner
 from metalearn.tasks import TaskSampler
+from metalearn.training import _sharding
 from metalearn.training._step import (
     MetaTrainState,
     default_task_map,
@@ -38,6 +39,7 @@ def meta_train(
     state: MetaTrainState | None = None,
     steps_per_call: int = 1,
     task_map: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
     log_every: int = 100,
     callback: Callable[[MetaTrainState, dict[str, float]], None] | None = None,
     progress: bool = True,
@@ -61,6 +63,9 @@ def meta_train(
     steps_per_call: meta-steps per jitted call (``lax.scan``); must divide
       ``log_every``.
     task_map: how tasks are mapped (:func:`metalearn.training.map_tasks`).
+    mesh: shard each meta-batch's tasks over this mesh's devices
+      (:func:`metalearn.training.task_mesh`); the state and the pool are
+      replicated on it. ``None`` runs on one device.
     log_every: meta-steps between metric records and callbacks.
     callback: ``callback(state, metrics)`` every ``log_every`` steps, after
       the metrics are checked to be finite (checkpointing, logging).
@@ -79,8 +84,6 @@ def meta_train(
         f"steps_per_call={steps_per_call} must divide log_every={log_every}"
     )
   init_key, step_key = jax.random.split(key)
-  if state is None:
-    state = init_state(learner, meta_optimizer, sampler, init_key)
   step_fn = make_meta_step(
       learner,
       meta_optimizer,
@@ -88,7 +91,15 @@ def meta_train(
       meta_batch_size=meta_batch_size,
       steps_per_call=steps_per_call,
       task_map=task_map,
+      mesh=mesh,
   )
+  if state is None:
+    state = init_state(learner, meta_optimizer, sampler, init_key)
+  data = sampler.data
+  if mesh is not None:
+    state, data = _sharding.replicate((state, data), mesh)
+  throttle = mesh is not None and _sharding.needs_throttle(mesh)
+  in_flight = None
   start = int(state.step)
   history = []
   bar = tqdm(
@@ -98,7 +109,10 @@ def meta_train(
   tick, tick_step = time.perf_counter(), start
   step = start
   while step < num_steps:
-    state, metrics = step_fn(state, sampler.data, step_key)
+    state, metrics = step_fn(state, data, step_key)
+    if throttle:  # At most two calls in flight (see needs_throttle).
+      jax.block_until_ready(in_flight)
+      in_flight = metrics
     step += steps_per_call
     bar.update(steps_per_call)
     if step % log_every and step < num_steps:
@@ -133,11 +147,20 @@ def make_eval_fn(
     *,
     batch_size: int,
     task_map: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
 ):
   """Jitted ``fn(meta_params, data, keys [batch_size]) -> per-episode
-  metrics``, adapting with the learner's meta-test settings."""
+  metrics``, adapting with the learner's meta-test settings.
+
+  With a ``mesh``, each device evaluates ``batch_size // D`` of the
+  episodes; the inputs and the ``[batch_size]`` outputs are replicated
+  (so every host can read them). ``batch_size`` must then be divisible by
+  the number of devices (``ValueError`` otherwise).
+  """
   if task_map == "auto":
     task_map = default_task_map()
+  if mesh is not None:
+    _sharding.check_divisible(batch_size, mesh, "batch_size")
 
   def one(meta_params, data, key):
     episode_key, adapt_key = jax.random.split(key)
@@ -146,13 +169,22 @@ def make_eval_fn(
                                 training=False)
     return learner.evaluate(meta_params, task_params, episode)[1]
 
-  def fn(meta_params, data, keys):
+  def local(keys, meta_params, data):
     run = lambda k: one(meta_params, data, k)  # noqa: E731
     if task_map == "vmap":
       return jax.vmap(run)(keys)
     return jax.lax.map(run, keys)
 
-  return jax.jit(fn)
+  def fn(meta_params, data, keys):
+    if mesh is None:
+      return local(keys, meta_params, data)
+    out = _sharding.map_devices(local, keys, mesh, meta_params, data)
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+
+  if mesh is None:
+    return jax.jit(fn)
+  replicated = _sharding.replicated(mesh)
+  return jax.jit(fn, in_shardings=replicated, out_shardings=replicated)
 
 
 def evaluate(
@@ -164,6 +196,7 @@ def evaluate(
     num_episodes: int = 600,
     batch_size: int = 50,
     task_map: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, float]:
   """Meta-test accuracy (or loss) over a fixed set of episodes, with a 95%
   confidence interval, as the few-shot papers report it.
@@ -179,6 +212,9 @@ def evaluate(
     num_episodes: number of test episodes (600 in most papers).
     batch_size: episodes per jitted call.
     task_map: ``"auto"``, ``"vmap"`` or ``"scan"``.
+    mesh: split each batch of episodes over this mesh's devices; the batch
+      is rounded up to a multiple of the device count (the episodes, and
+      so the results, do not depend on the batch size).
 
   Returns:
     For each metric ``m`` (``outer/accuracy``, ``outer/loss``): ``m`` (the
@@ -188,15 +224,20 @@ def evaluate(
   if num_episodes < 1:
     raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
   batch_size = min(batch_size, num_episodes)
+  data = sampler.data
+  if mesh is not None:
+    num_devices = mesh.shape[_sharding.TASK_AXIS]
+    batch_size = -(-batch_size // num_devices) * num_devices
+    meta_params, data = _sharding.replicate((meta_params, data), mesh)
   fn = make_eval_fn(learner, sampler, batch_size=batch_size,
-                    task_map=task_map)
+                    task_map=task_map, mesh=mesh)
   ids = np.arange(-(-num_episodes // batch_size) * batch_size)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(ids))
   chunks = []
   for start in range(0, len(ids), batch_size):
     chunks.append(
         jax.device_get(
-            fn(meta_params, sampler.data, keys[start : start + batch_size])
+            fn(meta_params, data, keys[start : start + batch_size])
         )
     )
   out: dict[str, float] = {"num_episodes": num_episodes}

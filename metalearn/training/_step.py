@@ -9,6 +9,7 @@ import optax
 
 from metalearn.metalearners import MetaLearner
 from metalearn.tasks import TaskSampler, sample_batch
+from metalearn.training import _sharding
 from metalearn.types import Episode
 
 PyTree = Any
@@ -74,6 +75,9 @@ def map_tasks(
     sum, so memory does not grow with the number of tasks.
   - ``"auto"``: :func:`default_task_map`.
 
+  Over several devices, :func:`make_meta_step` runs this on each device's
+  share of the tasks (:func:`~metalearn.training.map_devices`).
+
   Args:
     fn: ``fn(episode, key) -> (tree, metrics)`` for one task.
     episodes: a batch of episodes, leading axis ``[B]``.
@@ -112,6 +116,7 @@ def make_meta_step(
     meta_batch_size: int,
     steps_per_call: int = 1,
     task_map: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
 ):
   """Builds the jitted meta-training step.
 
@@ -128,12 +133,21 @@ def make_meta_step(
     sampler: the meta-training task distribution.
     meta_batch_size: tasks per meta-step.
     steps_per_call: meta-steps per call.
-    task_map: how tasks are mapped (:func:`map_tasks`).
+    task_map: how tasks are mapped (:func:`map_tasks`), on each device.
+    mesh: shard the tasks of each meta-batch over the devices of this mesh
+      (axis ``"tasks"``, :func:`task_mesh`); ``None`` runs on one device.
+      The state, ``data`` and ``metrics`` are replicated on the mesh
+      (place them once with :func:`replicate`); the meta-gradient is the
+      same mean over tasks, up to float rounding.
 
   Returns:
     ``step(state, data, key) -> (state, metrics)``, jitted, with ``state``
     donated. ``data`` is ``sampler.data``; ``metrics`` are the means over
     tasks of the last meta-step.
+
+  Raises:
+    ValueError: if ``meta_batch_size`` is not divisible by the number of
+      devices in ``mesh``.
 
   Examples:
     >>> import jax, optax
@@ -152,18 +166,40 @@ def make_meta_step(
     raise ValueError(f"meta_batch_size must be >= 1, got {meta_batch_size!r}")
   if not isinstance(steps_per_call, int) or steps_per_call < 1:
     raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call!r}")
+  if mesh is not None:
+    _sharding.check_divisible(meta_batch_size, mesh, "meta_batch_size")
 
   def one_step(state: MetaTrainState, data, key):
     step_key = jax.random.fold_in(key, state.step)
     task_key, learn_key = jax.random.split(step_key)
-    episodes = sample_batch(sampler._replace(data=data), task_key,
-                            meta_batch_size)
     keys = jax.random.split(learn_key, meta_batch_size)
 
-    def task_grad(episode, k):
-      return learner.meta_grad(state.meta_params, episode, k)
+    def mean_grad(episodes, keys, meta_params):
+      def task_grad(episode, k):
+        return learner.meta_grad(meta_params, episode, k)
 
-    grads, metrics = map_tasks(task_grad, episodes, keys, task_map)
+      return map_tasks(task_grad, episodes, keys, task_map)
+
+    if mesh is None:
+      episodes = sample_batch(sampler._replace(data=data), task_key,
+                              meta_batch_size)
+      grads, metrics = mean_grad(episodes, keys, state.meta_params)
+    else:
+      # Each device draws its own episodes (episode i from the i-th split
+      # key, as in sample_batch) and averages its tasks' meta-gradients;
+      # the mean over devices is an all-reduce that XLA inserts.
+      def local(device_keys, meta_params, data):
+        task_keys, keys = device_keys
+        episodes = jax.vmap(sampler.sample, (0, None))(task_keys, data)
+        return mean_grad(episodes, keys, meta_params)
+
+      task_keys = jax.random.split(task_key, meta_batch_size)
+      grads, metrics = jax.tree.map(
+          lambda x: jnp.mean(x, 0),
+          _sharding.map_devices(
+              local, (task_keys, keys), mesh, state.meta_params, data
+          ),
+      )
     updates, opt_state = meta_optimizer.update(
         grads, state.opt_state, state.meta_params
     )
@@ -180,4 +216,12 @@ def make_meta_step(
     state, metrics = jax.lax.scan(body, state, None, length=steps_per_call)
     return state, jax.tree.map(lambda m: m[-1], metrics)
 
-  return jax.jit(step, donate_argnums=(0,))
+  if mesh is None:
+    return jax.jit(step, donate_argnums=(0,))
+  replicated = _sharding.replicated(mesh)
+  return jax.jit(
+      step,
+      donate_argnums=(0,),
+      in_shardings=replicated,
+      out_shardings=replicated,
+  )
