@@ -12,13 +12,20 @@ The logic lives in :mod:`metalearn.experiment`; this file only hands hydra's
 config to :func:`metalearn.experiment.run_hydra`.
 """
 
+import pathlib
+
 import hydra
 from omegaconf import DictConfig
 
 from metalearn import experiment
 
+# The repository's top-level configs/ (../configs from this file). Absolute,
+# because hydra reads a relative config_path as a Python package when the
+# app is started through the console script rather than `python -m`.
+CONFIG_DIR = str(pathlib.Path(__file__).resolve().parent.parent / "configs")
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
   """Runs the experiment; returns its test accuracy (or loss) for sweepers."""
   return experiment.run_hydra(cfg)

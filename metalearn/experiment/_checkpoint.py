@@ -128,13 +128,17 @@ def load_checkpoint(
     lists (``{"step", "meta_params", "opt_state"}``).
 
   Raises:
-    FileNotFoundError: if the directory holds no checkpoint.
+    FileNotFoundError: if the directory holds no (such) checkpoint.
   """
   path = pathlib.Path(directory).expanduser().resolve()
   options = ocp.CheckpointManagerOptions(read_only=True, create=False)
   with ocp.CheckpointManager(path, options=options) as manager:
+    steps = manager.all_steps()
     step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {path}")
+    if step not in steps:
+      raise FileNotFoundError(
+          f"no checkpoint {'' if step is None else f'of step {step} '}in "
+          f"{path} (steps there: {list(steps)})"
+      )
     tree = manager.restore(step, args=ocp.args.StandardRestore())
   return step, jax.tree.map(np.asarray, tree)

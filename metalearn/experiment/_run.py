@@ -31,20 +31,26 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
   tmp.replace(path)  # Atomic: readers never see half a file.
 
 
+def _evaluate(trainer, learner, meta_params, sampler, num_episodes):
+  """Accuracy (or loss) on fixed episodes of ``trainer.eval_seed``."""
+  return training.evaluate(
+      learner, meta_params, sampler, jax.random.key(trainer["eval_seed"]),
+      num_episodes=num_episodes,
+      batch_size=trainer["eval_batch_size"],
+      task_map=trainer["task_map"],
+  )
+
+
 def _make_callback(cfg, learner, samplers, manager, logger):
+  """Logs, validates and checkpoints every ``trainer.log_every`` steps."""
   trainer = cfg["trainer"]
-  eval_key = jax.random.key(trainer["eval_seed"])
 
   def callback(state: training.MetaTrainState, metrics: dict[str, float]):
     step = int(metrics["step"])
     logger.log({k: v for k, v in metrics.items() if k != "step"}, step)
     if trainer["eval_every"] and step % trainer["eval_every"] == 0:
-      val = training.evaluate(
-          learner, state.meta_params, samplers.val, eval_key,
-          num_episodes=trainer["val_episodes"],
-          batch_size=trainer["eval_batch_size"],
-          task_map=trainer["task_map"],
-      )
+      val = _evaluate(trainer, learner, state.meta_params, samplers.val,
+                      trainer["val_episodes"])
       logger.log({f"val/{k}": v for k, v in val.items()}, step)
     _checkpoint.save_state(
         manager, state, force=step == trainer["num_steps"]
@@ -113,25 +119,24 @@ def run_experiment(
   trainer = cfg["trainer"]
   run_dir = pathlib.Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
-  name = _build.run_name(cfg)
   samplers = _build.build_samplers(
       cfg["task"], _build.load_splits(cfg["task"])
   )
   learner = _build.build_learner(cfg)
   tx = _build.build_optimizer(cfg)
-  _write_json(run_dir / "config.json", cfg)
   key = jax.random.key(cfg["seed"])
-  ckpt_dir = trainer["checkpoint_dir"] or run_dir / "checkpoints"
   manager = _checkpoint.checkpoint_manager(
-      ckpt_dir, save_every=trainer["checkpoint_every"],
+      trainer["checkpoint_dir"] or run_dir / "checkpoints",
+      save_every=trainer["checkpoint_every"],
       max_to_keep=trainer["max_to_keep"],
   )
   logger = None
   try:
     state = _start_state(cfg, learner, tx, samplers, manager, key)
+    _write_json(run_dir / "config.json", cfg)
     logger = _logging.make_logger(
-        cfg["logger"], run_dir=run_dir, name=name, config=cfg,
-        resume=trainer["resume"],
+        cfg["logger"], run_dir=run_dir, name=_build.run_name(cfg),
+        config=cfg, resume=trainer["resume"],
     )
     start = time.perf_counter()
     state, history = training.meta_train(
@@ -147,7 +152,7 @@ def run_experiment(
     )
     manager.wait_until_finished()
     results = {
-        "name": name,
+        "name": _build.run_name(cfg),
         "seed": cfg["seed"],
         "steps": int(state.step),
         "train_seconds": time.perf_counter() - start,
@@ -157,13 +162,8 @@ def run_experiment(
       results.update({f"train/{k}": v for k, v in history[-1].items()
                       if k != "step"})
     if trainer["test_episodes"]:
-      test = training.evaluate(
-          learner, state.meta_params, samplers.test,
-          jax.random.key(trainer["eval_seed"]),
-          num_episodes=trainer["test_episodes"],
-          batch_size=trainer["eval_batch_size"],
-          task_map=trainer["task_map"],
-      )
+      test = _evaluate(trainer, learner, state.meta_params, samplers.test,
+                       trainer["test_episodes"])
       results.update({f"test/{k}": v for k, v in test.items()})
     _write_json(run_dir / "results.json", results)
     logger.summary(results)

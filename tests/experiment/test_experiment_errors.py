@@ -4,6 +4,7 @@ Also: a missing dataset says where to put it, and a NaN loss stops the run
 and keeps the last good checkpoint.
 """
 
+import pathlib
 import pickle
 import subprocess
 import sys
@@ -167,12 +168,14 @@ def test_missing_data_directory_says_where_to_put_the_data(
   assert "task.data_dir" in message and "METALEARN_DATA_DIR" in message
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(
     compose_train, tmp_path
 ):
   # Adam's first step moves every weight by ~1e30: the next loss overflows.
   cfg = compose_train(
-      *SINUSOID, "trainer.num_steps=5", "optimizer.learning_rate=1e30"
+      *SINUSOID, "trainer.num_steps=5", "optimizer.learning_rate=1e30",
+      "trainer.test_episodes=0",
   )
   with pytest.raises(training.NonFiniteLossError, match="meta-step 2"):
     experiment.run_experiment(cfg, tmp_path)
@@ -182,19 +185,26 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(
   assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_resume_false_refuses_a_directory_with_checkpoints(
     compose_train, tmp_path
 ):
-  experiment.run_experiment(compose_train(*SINUSOID), tmp_path)
+  cfg = compose_train(*SINUSOID, "trainer.test_episodes=0")
+  experiment.run_experiment(cfg, tmp_path)
+  config_json = (tmp_path / "config.json").read_text()
   with pytest.raises(experiment.ConfigError, match="trainer.resume=true"):
-    experiment.run_experiment(compose_train(*SINUSOID), tmp_path)
+    experiment.run_experiment(compose_train(*SINUSOID, "seed=1"), tmp_path)
+  assert (tmp_path / "config.json").read_text() == config_json
 
 
 @pytest.mark.slow
 def test_command_line_reports_a_config_error_in_one_line(tmp_path):
+  # The installed console script (setup.cfg's entry point), which hydra
+  # locates differently from `python -m metalearn.train`.
+  script = pathlib.Path(sys.executable).with_name("metalearn-train")
+  assert script.exists(), "pip install -e . creates metalearn-train"
   result = subprocess.run(
-      [sys.executable, "-m", "metalearn.train", "optimizer.learning_rate=-1",
-       f"hydra.run.dir={tmp_path}"],
+      [str(script), "optimizer.learning_rate=-1", f"hydra.run.dir={tmp_path}"],
       capture_output=True, text=True, timeout=300, cwd=tmp_path,
   )
   assert result.returncode == 1, result.stderr

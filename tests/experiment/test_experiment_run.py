@@ -62,27 +62,50 @@ def test_smoke_run_of_every_learner(compose_train, tmp_path, learner):
 
 @pytest.mark.slow
 def test_resume_in_process_matches_an_uninterrupted_run(
-    compose_train, tmp_path
+    compose_train, tmp_path, caplog
 ):
   full, parts = tmp_path / "full", tmp_path / "parts"
+  keep = "trainer.max_to_keep=10"
   experiment.run_experiment(
-      compose_train(*SINUSOID, "trainer.num_steps=6"), full
+      compose_train(*SINUSOID, keep, "trainer.num_steps=6"), full
   )
   experiment.run_experiment(
-      compose_train(*SINUSOID, "trainer.num_steps=3"), parts
+      compose_train(*SINUSOID, keep, "trainer.num_steps=3"), parts
   )
-  results = experiment.run_experiment(
-      compose_train(*SINUSOID, "trainer.num_steps=6", "trainer.resume=true"),
-      parts,
-  )
+  with caplog.at_level("INFO", logger="metalearn.experiment"):
+    results = experiment.run_experiment(
+        compose_train(*SINUSOID, keep, "trainer.num_steps=6",
+                      "trainer.resume=true"),
+        parts,
+    )
+  assert "resuming from the checkpoint at step 3" in caplog.text
   assert results["steps"] == 6
   step_a, a = experiment.load_checkpoint(full / "checkpoints")
   step_b, b = experiment.load_checkpoint(parts / "checkpoints")
   assert step_a == step_b == 6
   assert _leaves_equal(a, b)
-  # The checkpoint at step 3 differs from step 6: training did continue.
+  # Training did continue after the resume.
   _, middle = experiment.load_checkpoint(parts / "checkpoints", step=3)
   assert not _leaves_equal(middle["meta_params"], b["meta_params"])
+  with pytest.raises(FileNotFoundError, match="no checkpoint of step 7"):
+    experiment.load_checkpoint(parts / "checkpoints", step=7)
+
+
+@pytest.mark.slow
+def test_validation_is_logged_every_eval_every(
+    compose_train, tmp_path, caplog
+):
+  cfg = compose_train(
+      *SINUSOID, "trainer.num_steps=4", "trainer.eval_every=2",
+      "trainer.val_episodes=3", "trainer.eval_batch_size=3",
+  )
+  with caplog.at_level("INFO", logger="metalearn.experiment"):
+    experiment.run_experiment(cfg, tmp_path)
+  val_lines = [line for line in caplog.text.splitlines()
+               if "val/outer/loss=" in line]
+  assert [line.split("step ")[1].split(":")[0] for line in val_lines] == [
+      "2", "4"]
+  assert all("val/num_episodes=3" in line for line in val_lines)
 
 
 def _train_command(run_dir, *overrides):
