@@ -2,13 +2,14 @@
 
 The task axis of a meta-batch is split over the devices of a one-axis
 :class:`jax.sharding.Mesh` named ``"tasks"``; meta-parameters, optimizer
-state and the class pool are replicated on every device. The code states
-only where arrays live (``NamedSharding``); XLA's SPMD partitioner splits
-the work and inserts the all-reduce that averages the meta-gradients, so
-no collective is written by hand and the same program runs on one CPU,
-on simulated CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count
-=8``), on a GPU/TPU host, or, after :func:`initialize_distributed`, on the
-devices of several hosts.
+state and the class pool are replicated on every device. Each device runs
+ordinary single-device code on its share of the tasks (``jax.shard_map``
+with no collective inside); the mean of the per-device results, taken
+outside, is an all-reduce that XLA inserts. No collective is written by
+hand, and the same program runs on one CPU, on simulated CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``), on a GPU/TPU
+host, or, after :func:`initialize_distributed`, on the devices of several
+hosts.
 """
 
 import os
