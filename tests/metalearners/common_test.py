@@ -1,0 +1,324 @@
+"""Conformance tests that every meta-learner must pass.
+
+One parametrized suite over :data:`LEARNERS_UNDER_TEST`, in the manner of
+optax's ``contrib/_common_test.py``: a new learner (a learned optimiser, an
+MLTI wrapper) joins by adding one :class:`LearnerCase` line. Each case is
+checked for: ``init`` giving a pytree of arrays, deterministic in its key;
+``meta_grad`` under ``jit`` and under ``vmap`` over tasks, with shapes
+matching the meta-parameters and finite, non-zero values; the jitted
+meta-step running twice without retracing for both task maps, which agree
+on the meta-gradient; the metric names of ``evaluate``; and ``adapt`` with
+the meta-test settings (``training=False``).
+
+Tasks are tiny and synthetic (random Omniglot-shaped images, sinusoids) so
+the suite spends its time compiling, not running.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from metalearn import learned_optimizers as lo
+from metalearn import metalearners, models, tasks, training
+from metalearn.metalearners import MetaLearner
+from metalearn.types import ClassPool
+
+NUM_WAYS = 3
+META_BATCH = 2
+
+
+class LearnerCase(NamedTuple):
+  """A learner under test: a readable id, a factory call and a task name.
+
+  Attributes:
+    name: the pytest id.
+    make: builds the learner (called once per test process).
+    task: a key of :data:`TASKS` (``"omniglot"``: 3-way 1-shot episodes of
+      random 28x28 images with 2 queries per class; ``"sinusoid"``: 5-shot
+      sinusoid regression).
+  """
+
+  name: str
+  make: Callable[[], MetaLearner]
+  task: str
+
+
+def _omniglot_like() -> tasks.TaskSampler:
+  images = np.random.default_rng(0).integers(
+      0, 256, (6, 5, 28, 28, 1), dtype=np.uint8
+  )
+  pool = ClassPool(jnp.asarray(images), jnp.arange(6, dtype=jnp.int32))
+  return tasks.episode_sampler(
+      pool, num_ways=NUM_WAYS, num_shots=1, num_queries=2
+  )
+
+
+TASKS: dict[str, Callable[[], tasks.TaskSampler]] = {
+    "omniglot": _omniglot_like,
+    "sinusoid": lambda: tasks.sinusoid_sampler(num_shots=5, num_queries=5),
+}
+
+
+def _conv(num_outputs=NUM_WAYS):
+  return models.conv4(num_outputs, features=8)
+
+
+LEARNERS_UNDER_TEST: tuple[LearnerCase, ...] = (
+    LearnerCase("maml", lambda: metalearners.maml(_conv(), 0.4), "omniglot"),
+    LearnerCase(
+        "fomaml",
+        lambda: metalearners.maml(_conv(), 0.4, first_order=True),
+        "omniglot",
+    ),
+    LearnerCase("anil", lambda: metalearners.anil(_conv(), 0.4), "omniglot"),
+    LearnerCase(
+        "metasgd", lambda: metalearners.metasgd(_conv(), 0.4), "omniglot"
+    ),
+    LearnerCase(
+        "reptile",
+        lambda: metalearners.reptile(_conv(), 0.1, num_inner_steps=2),
+        "omniglot",
+    ),
+    LearnerCase(
+        "protonet", lambda: metalearners.protonet(_conv(None)), "omniglot"
+    ),
+    LearnerCase(
+        "maml_sinusoid",
+        lambda: metalearners.maml(models.mlp(), 0.01, num_inner_steps=2),
+        "sinusoid",
+    ),
+    LearnerCase(
+        "mlti_maml",
+        lambda: metalearners.mlti(
+            functools.partial(metalearners.maml, inner_lr=0.4), _conv(),
+            TASKS["omniglot"](), prob=1.0,
+        ),
+        "omniglot",
+    ),
+    LearnerCase(
+        "mlti_protonet_cutmix",
+        lambda: metalearners.mlti(
+            metalearners.protonet, _conv(None), TASKS["omniglot"](),
+            mix="cutmix", prob=1.0,
+        ),
+        "omniglot",
+    ),
+    LearnerCase(
+        "mlti_maml_sinusoid",
+        lambda: metalearners.mlti(
+            functools.partial(metalearners.maml, inner_lr=0.01), models.mlp(),
+            TASKS["sinusoid"](), label_sharing=True, prob=1.0,
+        ),
+        "sinusoid",
+    ),
+    LearnerCase("meta_lstm", lambda: lo.meta_lstm(_conv(), 2), "omniglot"),
+)
+
+_CASES = [pytest.param(c, id=c.name) for c in LEARNERS_UNDER_TEST]
+
+
+@functools.cache
+def _task_data(task: str):
+  """A task's sampler, a fixed batch of episodes and per-task keys."""
+  sampler = TASKS[task]()
+  episodes = jax.jit(
+      lambda k: tasks.sample_batch(sampler, k, META_BATCH)
+  )(jax.random.key(1))
+  keys = jax.random.split(jax.random.key(2), META_BATCH)
+  return sampler, episodes, keys
+
+
+def _first(tree):
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+@functools.cache
+def _setup(case: LearnerCase):
+  """The learner, its sampler, meta-parameters and a batch of tasks."""
+  learner = case.make()
+  sampler, episodes, keys = _task_data(case.task)
+  params = learner.init(jax.random.key(0), _first(episodes))
+  return learner, sampler, params, episodes, keys
+
+
+@functools.cache
+def _probe(case: LearnerCase):
+  """One jitted call: the vmapped meta-gradients of the batch, and task 0
+  adapted and scored with the meta-test settings.
+
+  (``meta_grad`` of a single task under ``jit`` runs in the ``"scan"``
+  meta-step below.) Returns the jitted function and its outputs on the
+  fixed batch.
+  """
+  learner, _, params, episodes, keys = _setup(case)
+
+  @jax.jit
+  def probe(params, episodes, keys):
+    batched = jax.vmap(learner.meta_grad, (None, 0, 0))(params, episodes, keys)
+    episode, key = _first((episodes, keys))
+    task_params = learner.adapt(params, episode, key, training=False)
+    scored = learner.evaluate(params, task_params, episode)
+    return batched, (task_params, scored)
+
+  return probe, probe(params, episodes, keys)
+
+
+def _recording_sgd(learning_rate: float) -> optax.GradientTransformation:
+  """SGD that keeps the last (mean) meta-gradient as its state.
+
+  The state exposes the gradient the meta-step computed, so the task maps
+  can be compared; ``update`` is traced once per compilation of the step,
+  so ``chex.assert_max_traces`` on it counts compilations.
+  """
+
+  def init(params):
+    return jax.tree.map(jnp.zeros_like, params)
+
+  def update(grads, state, params=None):
+    del state, params
+    return jax.tree.map(lambda g: -learning_rate * g, grads), grads
+
+  return optax.GradientTransformation(init, update)
+
+
+@functools.cache
+def _two_steps(case: LearnerCase, task_map: str):
+  """Two meta-steps, run twice from the same key.
+
+  Returns the first step's mean meta-gradient, both runs' final states and
+  metrics, and the number of times ``meta_grad`` was traced after each
+  step of the first run.
+  """
+  learner, sampler, _, _, _ = _setup(case)
+  traces = []
+
+  def counted_meta_grad(*args):
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+      traces.append(task_map)
+    return learner.meta_grad(*args)
+
+  tx = _recording_sgd(1e-3)
+  chex.clear_trace_counter()
+  # The step is compiled once: its optimizer update is traced once.
+  tx = tx._replace(update=chex.assert_max_traces(tx.update, n=1))
+  step = training.make_meta_step(
+      learner._replace(meta_grad=counted_meta_grad),
+      tx,
+      sampler,
+      meta_batch_size=META_BATCH,
+      task_map=task_map,
+  )
+  key = jax.random.key(3)
+  runs, grad, counts = [], None, []
+  for _ in range(2):
+    state = training.init_state(learner, tx, sampler, jax.random.key(0))
+    state, _ = step(state, sampler.data, key)
+    counts.append(len(traces))
+    grad = jax.device_get(state.opt_state) if grad is None else grad
+    state, metrics = step(state, sampler.data, key)
+    counts.append(len(traces))
+    runs.append(jax.device_get((state, metrics)))
+  return {"grad": grad, "runs": runs, "traces": counts}
+
+
+def _expected_metrics(case: LearnerCase) -> set[str]:
+  if case.task == "omniglot":
+    return {"outer/loss", "outer/accuracy"}
+  return {"outer/loss"}
+
+
+def _assert_not_all_zero(tree):
+  total = sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(tree))
+  assert total > 0.0, "the meta-gradient is zero everywhere"
+
+
+@pytest.mark.parametrize("case", _CASES)
+def test_init_is_a_deterministic_pytree(case):
+  learner, _, params, episodes, _ = _setup(case)
+  leaves = jax.tree.leaves(params)
+  assert leaves, "init returned an empty pytree"
+  for leaf in leaves:
+    assert isinstance(leaf, jax.Array)
+    assert jnp.issubdtype(leaf.dtype, jnp.floating)
+  chex.assert_tree_all_finite(params)
+  again = learner.init(jax.random.key(0), _first(episodes))
+  chex.assert_trees_all_equal(params, again)
+  other = learner.init(jax.random.key(7), _first(episodes))
+  assert any(
+      not np.array_equal(a, b)
+      for a, b in zip(leaves, jax.tree.leaves(other), strict=True)
+  ), "init ignores its key"
+
+
+@pytest.mark.parametrize("case", _CASES)
+def test_meta_grad_under_vmap(case):
+  _, _, params, _, _ = _setup(case)
+  _, ((batched, metrics), _) = _probe(case)
+  chex.assert_trees_all_equal_structs(batched, params)
+  jax.tree.map(
+      lambda b, p: chex.assert_shape(b, (META_BATCH, *p.shape)),
+      batched,
+      params,
+  )
+  chex.assert_tree_all_finite((batched, metrics))
+  for task in range(META_BATCH):
+    _assert_not_all_zero(jax.tree.map(lambda x, t=task: x[t], batched))
+  assert set(metrics) == _expected_metrics(case)
+  for value in metrics.values():
+    chex.assert_shape(value, (META_BATCH,))
+
+
+@pytest.mark.parametrize("case", _CASES)
+def test_same_key_gives_identical_results(case):
+  _, _, params, episodes, keys = _setup(case)
+  probe, out = _probe(case)
+  chex.assert_trees_all_equal(probe(params, episodes, keys), out)
+  # Whole meta-steps (sampling included) from the same key and state.
+  first, second = _two_steps(case, training.default_task_map())["runs"]
+  chex.assert_trees_all_equal(first, second)
+
+
+@pytest.mark.parametrize("task_map", ["vmap", "scan"])
+@pytest.mark.parametrize("case", _CASES)
+def test_meta_step_runs_without_retracing(case, task_map):
+  out = _two_steps(case, task_map)
+  traced = out["traces"][0]
+  assert traced > 0, "meta_grad was never traced"
+  assert out["traces"] == [traced] * 4, f"meta_grad retraced ({task_map})"
+  state, metrics = out["runs"][0]
+  assert int(state.step) == 2
+  chex.assert_tree_all_finite((state.meta_params, metrics))
+  # The "scan" map runs meta_grad on one task at a time, under jit.
+  _, _, params, _, _ = _setup(case)
+  chex.assert_trees_all_equal_shapes_and_dtypes(out["grad"], params)
+  chex.assert_tree_all_finite(out["grad"])
+  _assert_not_all_zero(out["grad"])
+  assert set(metrics) == _expected_metrics(case)
+
+
+@pytest.mark.parametrize("case", _CASES)
+def test_task_maps_agree(case):
+  chex.assert_trees_all_close(
+      _two_steps(case, "vmap")["grad"],
+      _two_steps(case, "scan")["grad"],
+      rtol=1e-4,
+      atol=1e-5,
+  )
+
+
+@pytest.mark.parametrize("case", _CASES)
+def test_evaluate_metrics_and_meta_test_adapt(case):
+  _, (_, (task_params, (loss, metrics))) = _probe(case)
+  chex.assert_tree_all_finite((task_params, loss, metrics))
+  assert set(metrics) == _expected_metrics(case)
+  chex.assert_shape(loss, ())
+  np.testing.assert_allclose(loss, metrics["outer/loss"], rtol=1e-6)
+  if "outer/accuracy" in metrics:
+    assert 0.0 <= float(metrics["outer/accuracy"]) <= 1.0

@@ -1,0 +1,113 @@
+"""Conv-4 variants, fast max-pooling and per-batch BatchNorm."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metalearn import models
+
+
+def _normal(shape, seed=0):
+  return jnp.asarray(
+      np.random.default_rng(seed).normal(size=shape), jnp.float32
+  )
+
+
+def test_conv4_stride_variant_averages_features_over_space():
+  """28x28 -> 14 -> 7 -> 4 -> 2 with stride-2 convs, then a spatial mean."""
+  module = models.Conv4(None, features=8, downsample="stride")
+  x = _normal((3, 28, 28, 1))
+  variables = module.init(jax.random.key(0), x)
+  out, state = module.apply(
+      variables, x, capture_intermediates=True, mutable=["intermediates"]
+  )
+  last_block = state["intermediates"]["block3"]["__call__"][0]
+  assert last_block.shape == (3, 2, 2, 8)
+  np.testing.assert_allclose(out, last_block.mean(axis=(1, 2)), rtol=1e-6)
+  model = models.conv4(5, features=8, downsample="stride")
+  params = model.init(jax.random.key(0), x)
+  assert model.apply(params, x).shape == (3, 5)
+  assert params["head"]["kernel"].shape == (8, 5)
+  for i in range(4):
+    assert params[f"block{i}"]["Conv_0"]["kernel"].shape[:2] == (3, 3)
+
+
+def test_conv4_max_pool_variant_flattens_800_features_on_84px():
+  """84 -> 42 -> 21 -> 10 -> 5 with 2x2 pooling: 5 * 5 * 32 = 800."""
+  x = jnp.zeros((2, 84, 84, 3))
+  embed = models.conv4(None, features=32)
+  shapes = jax.eval_shape(embed.init, jax.random.key(0), x)
+  assert jax.eval_shape(embed.apply, shapes, x).shape == (2, 800)
+  model = models.conv4(5, features=32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  assert shapes["head"]["kernel"].shape == (800, 5)
+  assert jax.eval_shape(model.apply, shapes, x).shape == (2, 5)
+
+
+def test_conv4_rejects_bad_arguments():
+  with pytest.raises(ValueError, match="downsample"):
+    models.conv4(5, downsample="avg_pool")
+  with pytest.raises(ValueError, match="num_outputs"):
+    models.conv4(0)
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 8, 6, 3), (7, 5, 2), (2, 3, 9, 9, 4)], ids=str
+)
+def test_max_pool_2x2_equals_flax(shape):
+  x = _normal(shape)
+  want = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+  got = models.max_pool_2x2(x)
+  assert got.shape == want.shape
+  np.testing.assert_array_equal(got, want)
+  # Without ties, the gradients agree too.
+  grad = jax.grad(lambda x, f: jnp.sum(f(x) * jnp.cos(f(x))))
+  np.testing.assert_allclose(
+      grad(x, models.max_pool_2x2),
+      grad(x, lambda x: nn.max_pool(x, (2, 2), (2, 2), "VALID")),
+      rtol=1e-6,
+  )
+
+
+def _batch_norm(x, scale=None, bias=None):
+  module = models.BatchNorm()
+  params = module.init(jax.random.key(0), x)["params"]
+  if scale is not None:
+    params = {"scale": scale, "bias": bias}
+  return module.apply({"params": params}, x)
+
+
+def _assert_standardised(y, axes):
+  np.testing.assert_allclose(y.mean(axes), 0.0, atol=1e-5)
+  np.testing.assert_allclose(y.var(axes), 1.0, rtol=1e-3)
+
+
+def test_batch_norm_uses_the_statistics_of_each_call():
+  channels = jnp.array([0.5, 3.0, 10.0])
+  a = _normal((4, 5, 5, 3), 0) * channels + 7.0
+  b = _normal((6, 5, 5, 3), 1) * 2.0 - 4.0
+  for x in (a, b):
+    _assert_standardised(_batch_norm(x), (0, 1, 2))
+  scale, bias = jnp.array([1.0, 2.0, 0.5]), jnp.array([0.0, -1.0, 3.0])
+  np.testing.assert_allclose(
+      _batch_norm(a, scale, bias), _batch_norm(a) * scale + bias, rtol=1e-5,
+      atol=1e-5,
+  )
+  # No running statistics are kept: only scale and bias are parameters.
+  variables = models.BatchNorm().init(jax.random.key(0), a)
+  assert set(variables) == {"params"}
+  assert set(variables["params"]) == {"scale", "bias"}
+
+
+def test_batch_norm_under_vmap_normalises_each_task_separately():
+  offsets = jnp.array([-5.0, 0.0, 20.0])[:, None, None, None, None]
+  spreads = jnp.array([0.5, 1.0, 8.0])[:, None, None, None, None]
+  tasks = _normal((3, 4, 5, 5, 2)) * spreads + offsets
+  params = models.BatchNorm().init(jax.random.key(0), tasks[0])
+  apply = lambda x: models.BatchNorm().apply(params, x)  # noqa: E731
+  batched = jax.vmap(apply)(tasks)
+  for t in range(3):
+    _assert_standardised(batched[t], (0, 1, 2))
+    np.testing.assert_allclose(batched[t], apply(tasks[t]), atol=1e-5)
