@@ -28,7 +28,9 @@ of learn2learn's ``examples/vision/maml_omniglot.py``). Two figures:
 
 tasks/s = meta-batch / the median duration of ``--repeats`` timed steps
 after ``--warmup`` untimed ones. PyTorch runs with ``torch.set_num_threads(
---cores)`` and both sides are pinned to the same ``--cores`` CPUs. With
+--torch-threads)`` (default: ``--cores``, 2) and both sides are pinned to
+the same ``--cores`` CPUs; measure on an idle machine, as OpenMP threads
+that wait for a busy core slow PyTorch down several times. With
 ``--with-metalearn``, each learner's metalearn meta-step is timed by
 ``throughput.py``'s worker (same settings, ``task_map="auto"``) right
 before or after the peer, alternating the order every round, so the ratios
@@ -95,7 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--rounds", type=int, default=1,
                  help="alternations of metalearn and the peer; medians")
   p.add_argument("--cores", type=int, default=2,
-                 help="CPUs both sides are pinned to; torch threads")
+                 help="CPUs both sides are pinned to")
+  p.add_argument("--torch-threads", type=int, default=None,
+                 help="torch.set_num_threads (default: --cores)")
   p.add_argument("--device", default="cpu", help="the peer's torch device")
   p.add_argument("--with-metalearn", action="store_true",
                  help="time metalearn (throughput.py's worker) alternately")
@@ -123,6 +127,10 @@ def parse_args(argv=None) -> argparse.Namespace:
       p.error(f"--{name} must be >= 1")
   if args.warmup < 0:
     p.error("--warmup must be >= 0")
+  if args.torch_threads is None:
+    args.torch_threads = args.cores
+  if args.torch_threads < 1:
+    p.error("--torch-threads must be >= 1")
   return args
 
 
@@ -323,7 +331,7 @@ def run_peer_worker(args) -> dict:
   import torch
   import torchvision
 
-  torch.set_num_threads(args.cores)
+  torch.set_num_threads(args.torch_threads)
   random.seed(0)
   torch.manual_seed(0)
   _offline_torchvision_omniglot()
@@ -374,8 +382,8 @@ def spawn_peer(args, name: str) -> dict:
            "--out", out, "--data-dir", args.data_dir,
            "--cache-dir", args.cache_dir, "--device", args.device]
     for flag in ("batch", "ways", "shots", "queries", "repeats", "warmup",
-                 "cores"):
-      cmd += [f"--{flag}", str(getattr(args, flag))]
+                 "cores", "torch_threads"):
+      cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
       raise RuntimeError(f"peer worker {name} failed:\n{proc.stderr[-3000:]}")
@@ -432,7 +440,7 @@ def report(args, machine, rows) -> None:
         f"{machine['cpu']}, pinned to {len(machine['cpus'])} CPU(s), "
         f"load {machine['load_average_1m']}; learn2learn "
         f"{machine.get('learn2learn')}, torch {machine.get('torch')} "
-        f"({args.cores} threads), jax {machine.get('jax', 'n/a')}\n")
+        f"({args.torch_threads} threads), jax {machine.get('jax', 'n/a')}\n")
   print(_harness.markdown_table(
       ["learner", "metalearn tasks/s", "learn2learn end-to-end tasks/s",
        "learn2learn compute-only tasks/s", "ratio (vs end-to-end)",
