@@ -100,8 +100,8 @@ def feature_mixing(
   Args:
     model: a model with ``layers`` (``conv4``, ``mlp``, ``resnet12``).
     mix_layers: the layers where features may be mixed (0 = inputs); the
-      default is every layer before the last stage. Used to stop the
-      partner early; the layer itself comes with each input.
+      default is every layer before the last stage. The layer itself comes
+      with each input; one outside ``mix_layers`` mixes nothing.
 
   Returns:
     A :class:`~metalearn.models.Model` with the same ``init`` and params.
