@@ -231,6 +231,9 @@ def _validate_trainer(cfg) -> None:
   _multiple_of(cfg, "trainer.log_every", "trainer.steps_per_call")
   _multiple_of(cfg, "trainer.checkpoint_every", "trainer.log_every")
   _one_of(cfg, "trainer.task_map", TASK_MAPS)
+  devices = cfg["trainer"].get("devices")
+  if devices is not None and devices != "all":
+    _int_at_least(cfg, "trainer.devices", 1)
   _bool(cfg, "trainer.resume")
   _bool(cfg, "trainer.progress")
   if not _is_int(_get(cfg, "trainer.eval_seed")):

@@ -31,6 +31,14 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
   tmp.replace(path)  # Atomic: readers never see half a file.
 
 
+def _mesh(trainer):
+  """The task mesh of ``trainer.devices``: null (none), "all" or a count."""
+  devices = trainer.get("devices")
+  if devices is None:
+    return None
+  return training.task_mesh(None if devices == "all" else devices)
+
+
 def _evaluate(trainer, learner, meta_params, sampler, num_episodes):
   """Accuracy (or loss) on fixed episodes of ``trainer.eval_seed``."""
   return training.evaluate(
@@ -38,6 +46,7 @@ def _evaluate(trainer, learner, meta_params, sampler, num_episodes):
       num_episodes=num_episodes,
       batch_size=trainer["eval_batch_size"],
       task_map=trainer["task_map"],
+      mesh=_mesh(trainer),
   )
 
 
@@ -146,6 +155,7 @@ def run_experiment(
         state=state,
         steps_per_call=trainer["steps_per_call"],
         task_map=trainer["task_map"],
+        mesh=_mesh(trainer),
         log_every=trainer["log_every"],
         callback=_make_callback(cfg, learner, samplers, manager, logger),
         progress=trainer["progress"],
@@ -200,6 +210,9 @@ def run_hydra(cfg) -> float | None:
   from hydra.types import RunMode
 
   hydra_cfg = HydraConfig.get()
+  # Joins a multi-host job when the launch environment describes one
+  # (coordinator address, a multi-task srun step); a no-op otherwise.
+  training.initialize_distributed()
   # Hydra logs INFO to the console; orbax's per-save INFO lines (through
   # absl) would drown the training log.
   logging.getLogger("absl").setLevel(logging.WARNING)

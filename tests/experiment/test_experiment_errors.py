@@ -62,6 +62,7 @@ SINUSOID = ("experiment=sinusoid_maml", "debug=smoke")
         (("logger.kind=tensorboard",),
          "logger.kind='tensorboard' is not one of wandb, none"),
         (("seed=1.5",), "seed must be an int, got 1.5"),
+        (("trainer.devices=0",), "trainer.devices must be an int >= 1"),
     ],
     ids=lambda v: v[0] if isinstance(v, tuple) else None,
 )
@@ -212,3 +213,10 @@ def test_command_line_reports_a_config_error_in_one_line(tmp_path):
       "metalearn-train: error: optimizer.learning_rate must be a number > 0, "
       "got -1"
   )
+
+
+def test_devices_field_runs_on_a_one_device_mesh(compose_train, tmp_path):
+  cfg = compose_train(*SINUSOID, "trainer.devices=all")
+  results = experiment.run_experiment(cfg, tmp_path / "run")
+  assert results["steps"] == 2
+  assert np.isfinite(results["test/outer/loss"])
