@@ -77,9 +77,21 @@ def test_pooling_smoke(bench, tmp_path):
     )
 
 
+# Scripts whose smoke run lives elsewhere or cannot run in CI, and why.
+TESTED_ELSEWHERE = {
+    "learned_optimizers": "tests/learned_optimizers/test_benchmark.py",
+    "sharding": "its code paths: tests/training/test_sharding.py "
+    "(8 simulated devices)",
+    "mlti_fewtask": "its code paths: tests/metalearners/test_mlti.py "
+    "(a --smoke run costs about a CPU-minute)",
+    "peer_learn2learn": "needs the peer's own 5.7 GB virtualenv; run by hand",
+}
+
+
 def test_every_script_is_smoke_tested():
   scripts = {p.stem for p in BENCH_DIR.glob("*.py")} - {"_harness"}
-  assert scripts == set(SCRIPTS)
+  assert set(SCRIPTS) <= scripts
+  assert scripts <= set(SCRIPTS) | set(TESTED_ELSEWHERE)
 
 
 def test_conv_flops_counts_padded_taps(bench):
