@@ -47,6 +47,7 @@ from metalearn.learned_optimizers._outer import (
     OuterState,
     init_outer_state,
     make_outer_step,
+    outer_train,
 )
 from metalearn.learned_optimizers._unroll import (
     InnerState,
@@ -84,6 +85,7 @@ __all__ = (
     "meta_lstm_optimizer",
     "mlp_optimizer",
     "model_task_family",
+    "outer_train",
     "pes",
     "training_curves",
     "truncated_backprop",

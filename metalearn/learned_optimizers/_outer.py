@@ -1,5 +1,6 @@
 """The outer (meta-training) step of a learned optimiser on a task family."""
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -125,3 +126,61 @@ def make_outer_step(
     return state, jax.tree.map(lambda m: m[-1], metrics)
 
   return jax.jit(step, donate_argnums=(0,))
+
+
+def outer_train(
+    step: Callable[..., tuple[OuterState, dict[str, jax.Array]]],
+    state: OuterState,
+    *,
+    key: jax.Array,
+    num_steps: int,
+    data: PyTree = None,
+) -> tuple[OuterState, list[dict[str, float]]]:
+  """Runs outer steps until ``state.step`` reaches ``num_steps``.
+
+  Building ``step`` once (:func:`make_outer_step`) and calling this for
+  several runs compiles once.
+
+  Args:
+    step: from :func:`make_outer_step`.
+    state: from :func:`init_outer_state`, or a saved state to resume (the
+      run stops at the same total, with the same result).
+    key: the run's key, passed to every ``step``.
+    num_steps: the total number of outer steps; with ``steps_per_call``
+      steps per call, a multiple of it.
+    data: the task family's data.
+
+  Returns:
+    The final state and, per call, the metrics of its last step with its
+    ``step``.
+
+  Raises:
+    FloatingPointError: if theta becomes non-finite.
+
+  Examples:
+    >>> import jax, optax
+    >>> from metalearn import models, tasks
+    >>> from metalearn import learned_optimizers as lo
+    >>> family = lo.model_task_family(
+    ...     models.mlp(hidden=(8,)), tasks.sinusoid_sampler(num_shots=10))
+    >>> lopt = lo.learnable_sgd(0.01)
+    >>> unroll = lo.truncated_unroll(family, lopt, truncation_length=2,
+    ...                              horizon=4)
+    >>> estimator = lo.truncated_backprop(unroll, num_particles=2)
+    >>> tx = optax.adam(1e-2)
+    >>> state = lo.init_outer_state(lopt, estimator, tx, jax.random.key(0))
+    >>> step = lo.make_outer_step(estimator, tx)
+    >>> state, history = lo.outer_train(step, state, key=jax.random.key(1),
+    ...                                 num_steps=3)
+    >>> [h["step"] for h in history]
+    [1, 2, 3]
+  """
+  history = []
+  while int(state.step) < num_steps:
+    state, metrics = step(state, data, key)
+    record = {k: float(v) for k, v in metrics.items()}
+    history.append({"step": int(state.step), **record})
+    if not all(bool(jnp.all(jnp.isfinite(x)))
+               for x in jax.tree.leaves(state.theta)):
+      raise FloatingPointError(f"theta is not finite at step {state.step}")
+  return state, history

@@ -215,6 +215,14 @@ def test_outer_step_is_deterministic_and_resumable():
   at_once, _ = two(fresh(), None, key)
   chex.assert_trees_all_close(one_by_one, at_once, rtol=1e-6)
   assert int(at_once.step) == 2
+  # outer_train stops at the total, and a resumed run ends where an
+  # uninterrupted one does.
+  full, history = lo.outer_train(step, fresh(), key=key, num_steps=3)
+  assert [h["step"] for h in history] == [1, 2, 3]
+  half, _ = lo.outer_train(step, fresh(), key=key, num_steps=1)
+  resumed, rest = lo.outer_train(step, half, key=key, num_steps=3)
+  assert [h["step"] for h in rest] == [2, 3]
+  chex.assert_trees_all_close(full, resumed, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
