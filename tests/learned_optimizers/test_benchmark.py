@@ -26,6 +26,7 @@ def bench():
     sys.path.remove(str(BENCH_DIR))
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_results_and_plot(bench, tmp_path, capsys):
   out, png = tmp_path / "r.json", tmp_path / "curves.png"
   assert bench.main(["--smoke", "--out", str(out), "--plot", str(png)]) == 0
