@@ -1,5 +1,6 @@
 """The meta-training loop and few-shot evaluation with confidence intervals."""
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -187,6 +188,17 @@ def make_eval_fn(
   return jax.jit(fn, in_shardings=replicated, out_shardings=replicated)
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_eval_fn(learner, sample, batch_size, task_map, mesh):
+  """One compiled evaluation per learner and sampler, so that repeated
+  validation during training does not recompile (``data`` is an argument
+  of the compiled function, never a constant in it)."""
+  return make_eval_fn(
+      learner, TaskSampler(sample, None), batch_size=batch_size,
+      task_map=task_map, mesh=mesh,
+  )
+
+
 def evaluate(
     learner: MetaLearner,
     meta_params: PyTree,
@@ -229,8 +241,11 @@ def evaluate(
     num_devices = mesh.shape[_sharding.TASK_AXIS]
     batch_size = -(-batch_size // num_devices) * num_devices
     meta_params, data = _sharding.replicate((meta_params, data), mesh)
-  fn = make_eval_fn(learner, sampler, batch_size=batch_size,
-                    task_map=task_map, mesh=mesh)
+  try:
+    fn = _cached_eval_fn(learner, sampler.sample, batch_size, task_map, mesh)
+  except TypeError:  # An unhashable learner or sampler: compile afresh.
+    fn = make_eval_fn(learner, sampler, batch_size=batch_size,
+                      task_map=task_map, mesh=mesh)
   ids = np.arange(-(-num_episodes // batch_size) * batch_size)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(ids))
   chunks = []
