@@ -177,7 +177,7 @@ def plot(results, path):
   print(f"wrote {path}")
 
 
-def markdown(cfg, agg, tuned, machine, seconds):
+def markdown(cfg, agg, tuned, machine, seconds, cpu_seconds):
   rows = []
   for name, a in agg.items():
     rows.append([name, *(f"{a[m]['mean']:.3g} ± {a[m]['std']:.2g}"
@@ -201,8 +201,14 @@ def markdown(cfg, agg, tuned, machine, seconds):
       f"{cfg['seeds']} seeds x {cfg['eval_tasks']} held-out tasks (mean ± "
       f"std over seeds of geometric means over tasks). Adam lr "
       f"{tuned['adam']:g}, SGD lr {tuned['sgd']:g} (tuned on training "
-      f"tasks). {machine['cpu']}, {machine['cpu_count']} cores, jax "
-      f"{machine['jax']}; total {seconds / 60:.1f} min.", "",
+      f"tasks). Learned: mlp_optimizer meta-trained for "
+      f"{cfg['outer_steps']} outer steps per seed (PES: "
+      f"{cfg['pes_pairs']} antithetic pairs; TBPTT: "
+      f"{cfg['tbptt_particles']} particles; truncations of "
+      f"{cfg['truncation']} steps). {machine['cpu']}, "
+      f"{machine['cpu_count']} cores, jax {machine['jax']}; "
+      f"{seconds / 60:.1f} min wall, {cpu_seconds / 60:.1f} min CPU "
+      f"(load average {machine['load_average_1m']}).", "",
       table, "", *lines])
 
 
@@ -225,7 +231,7 @@ def main(argv=None) -> int:
   for field in ("seeds", "outer_steps"):
     if getattr(args, field) is not None:
       cfg[field] = getattr(args, field)
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   family, lopt = build(cfg)
   curves = make_curves(family, lopt, cfg["horizon"])
   tuned, tuning = tune(cfg, curves)
@@ -245,14 +251,16 @@ def main(argv=None) -> int:
   results = evaluate(cfg, curves, runs_per_seed)
   agg = {name: aggregate(runs) for name, runs in results.items()}
   seconds = time.perf_counter() - start
+  cpu_seconds = time.process_time() - cpu_start
   machine = _harness.machine_info()
-  print(markdown(cfg, agg, tuned, machine, seconds))
+  print(markdown(cfg, agg, tuned, machine, seconds, cpu_seconds))
   if args.plot:
     plot(results, args.plot)
   _harness.write_json(args.out, {
       "benchmark": "learned_optimizers", "config": cfg, "machine": machine,
       "tuned_lr": tuned, "tuning_final_train": tuning, "summary": agg,
       "per_seed": results, "meta_training": training, "seconds": seconds,
+      "cpu_seconds": cpu_seconds,
   })
   return 0
 
