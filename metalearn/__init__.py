@@ -5,7 +5,14 @@ meta-learners, jitted and vmapped over tasks. Heavy optional dependencies
 (hydra, wandb, tensorflow) are imported only by the modules that need them.
 """
 
-from metalearn import data, metalearners, models, tasks, training
+from metalearn import (
+    data,
+    learned_optimizers,
+    metalearners,
+    models,
+    tasks,
+    training,
+)
 from metalearn.types import ClassPool, Episode
 
 __version__ = "0.1.0"
@@ -14,6 +21,7 @@ __all__ = (
     "ClassPool",
     "Episode",
     "data",
+    "learned_optimizers",
     "metalearners",
     "models",
     "tasks",
