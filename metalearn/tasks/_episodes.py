@@ -69,7 +69,8 @@ def sample_episode(
   examples = jax.vmap(
       lambda k: jax.random.permutation(k, per_class)[:take]
   )(per_class_keys)
-  images = pool.images[classes[:, None], examples]  # [N, K+Q, H, W, C]
+  # jnp.asarray: a host (NumPy) pool cannot be indexed by traced indices.
+  images = jnp.asarray(pool.images)[classes[:, None], examples]  # [N,K+Q,...]
   images = images.astype(jnp.float32) / 255.0
   labels = jnp.arange(num_ways, dtype=jnp.int32)
   support_x = images[:, :num_shots].reshape(-1, *image_shape)

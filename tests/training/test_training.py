@@ -231,3 +231,26 @@ def test_evaluate_confidence_interval_by_hand(protonet_setup):
 def test_evaluate_rejects_no_episodes(protonet_setup):
   with pytest.raises(ValueError, match="num_episodes"):
     _evaluate(protonet_setup, num_episodes=0)
+
+
+def test_repeated_evaluation_does_not_recompile(protonet_setup):
+  """Validation every few hundred steps must reuse the compiled function."""
+  learner, sampler, params = protonet_setup
+  traces = []
+
+  def counted_adapt(*args, **kwargs):
+    traces.append(1)
+    return learner.adapt(*args, **kwargs)
+
+  counted = learner._replace(adapt=counted_adapt)
+  first = training.evaluate(
+      counted, params, sampler, jax.random.key(5), num_episodes=20
+  )
+  traced = len(traces)
+  assert traced > 0
+  shifted = jax.tree.map(lambda p: p * 1.5, params)
+  second = training.evaluate(
+      counted, shifted, sampler, jax.random.key(6), num_episodes=20
+  )
+  assert len(traces) == traced, "evaluate recompiled for new parameters"
+  assert second != first
