@@ -179,6 +179,9 @@ def run_worker(args) -> dict:
       "step_times_s": times,
       "tasks_per_s": args.batch / _harness.median(times),
       "peak_rss_bytes": max_rss_bytes(),
+      # Accelerators: the device allocator's high-water mark (None on CPU).
+      "device_peak_bytes": (jax.local_devices()[0].memory_stats()
+                            or {}).get("peak_bytes_in_use"),
       "xla_step_flops_as_compiled": _flops(compiled),
       "outer_loss": loss,
   }

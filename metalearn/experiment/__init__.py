@@ -36,7 +36,12 @@ from metalearn.experiment._logging import (
     wandb_logger,
     wandb_mode,
 )
-from metalearn.experiment._run import run_experiment, run_hydra
+from metalearn.experiment._run import (
+    evaluate_run,
+    read_metrics,
+    run_experiment,
+    run_hydra,
+)
 
 __all__ = (
     "ConfigError",
@@ -47,9 +52,11 @@ __all__ = (
     "build_samplers",
     "checkpoint_manager",
     "console_logger",
+    "evaluate_run",
     "load_checkpoint",
     "load_splits",
     "make_logger",
+    "read_metrics",
     "restore_state",
     "run_experiment",
     "run_hydra",

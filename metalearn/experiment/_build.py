@@ -236,6 +236,9 @@ def _validate_trainer(cfg) -> None:
     _int_at_least(cfg, "trainer.devices", 1)
   _bool(cfg, "trainer.resume")
   _bool(cfg, "trainer.progress")
+  max_time = cfg["trainer"].get("max_time_s")
+  if max_time is not None:
+    _positive_number("trainer.max_time_s", max_time)
   if not _is_int(_get(cfg, "trainer.eval_seed")):
     raise ConfigError(
         f"trainer.eval_seed must be an int, got {cfg['trainer']['eval_seed']!r}"

@@ -74,6 +74,8 @@ def save_state(
   Returns:
     Whether a checkpoint was started.
   """
+  if int(state.step) in manager.all_steps():
+    return False  # Already saved (a forced save after a periodic one).
   host = jax.tree.map(lambda x: np.array(x, copy=True), state)
   return manager.save(
       int(host.step), args=ocp.args.StandardSave(host), force=force

@@ -6,7 +6,7 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -50,17 +50,48 @@ def _evaluate(trainer, learner, meta_params, sampler, num_episodes):
   )
 
 
-def _make_callback(cfg, learner, samplers, manager, logger):
+class _MetricsFile:
+  """``<run dir>/metrics.jsonl``: one JSON line per metric record, with
+  ``step`` and ``wall_s``, the seconds since the run began (training,
+  validation and checkpointing; a resumed run continues the clock of the
+  lines it keeps)."""
+
+  def __init__(self, path: pathlib.Path, resume_step: int | None):
+    self.path = path
+    kept, offset = [], 0.0
+    if resume_step is not None and path.exists():
+      for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record["step"] <= resume_step:
+          kept.append(line)
+          offset = record["wall_s"]
+    # Lines past the checkpoint belong to steps the resumed run redoes.
+    path.write_text("".join(line + "\n" for line in kept))
+    self.start = time.perf_counter() - offset
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    record = {"step": step,
+              "wall_s": round(time.perf_counter() - self.start, 3),
+              **metrics}
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def _make_callback(cfg, learner, samplers, manager, logger, metrics_file):
   """Logs, validates and checkpoints every ``trainer.log_every`` steps."""
   trainer = cfg["trainer"]
 
   def callback(state: training.MetaTrainState, metrics: dict[str, float]):
     step = int(metrics["step"])
-    logger.log({k: v for k, v in metrics.items() if k != "step"}, step)
+    metrics = {k: v for k, v in metrics.items() if k != "step"}
+    logger.log(metrics, step)
     if trainer["eval_every"] and step % trainer["eval_every"] == 0:
       val = _evaluate(trainer, learner, state.meta_params, samplers.val,
                       trainer["val_episodes"])
-      logger.log({f"val/{k}": v for k, v in val.items()}, step)
+      val = {f"val/{k}": v for k, v in val.items()}
+      logger.log(val, step)
+      metrics.update(val)
+    metrics_file.write(step, metrics)
     _checkpoint.save_state(
         manager, state, force=step == trainer["num_steps"]
     )
@@ -100,7 +131,9 @@ def run_experiment(
   load the dataset and check the episodes fit it; build the learner and
   meta-optimizer; meta-train with :func:`metalearn.training.meta_train`,
   logging every ``trainer.log_every`` steps and checkpointing every
-  ``trainer.checkpoint_every`` steps and at the end; evaluate on the test
+  ``trainer.checkpoint_every`` steps and at the end (also when
+  ``trainer.max_time_s`` stops training early); record every metric line
+  in ``<run_dir>/metrics.jsonl``; evaluate on the test
   split with :func:`metalearn.training.evaluate`; write
   ``<run_dir>/results.json``.
 
@@ -147,6 +180,10 @@ def run_experiment(
         cfg["logger"], run_dir=run_dir, name=_build.run_name(cfg),
         config=cfg, resume=trainer["resume"],
     )
+    metrics_file = _MetricsFile(
+        run_dir / "metrics.jsonl",
+        None if state is None else int(state.step),
+    )
     start = time.perf_counter()
     state, history = training.meta_train(
         learner, tx, samplers.train, key=key,
@@ -157,14 +194,25 @@ def run_experiment(
         task_map=trainer["task_map"],
         mesh=_mesh(trainer),
         log_every=trainer["log_every"],
-        callback=_make_callback(cfg, learner, samplers, manager, logger),
+        callback=_make_callback(cfg, learner, samplers, manager, logger,
+                                metrics_file),
         progress=trainer["progress"],
+        max_seconds=trainer.get("max_time_s"),
     )
+    stopped_early = int(state.step) < trainer["num_steps"]
+    if stopped_early:
+      log.warning(
+          "trainer.max_time_s=%s reached at meta-step %d of %d; the test "
+          "below is of that state (trainer.resume=true continues the run)",
+          trainer["max_time_s"], int(state.step), trainer["num_steps"])
+      _checkpoint.save_state(manager, state, force=True)
     manager.wait_until_finished()
     results = {
         "name": _build.run_name(cfg),
         "seed": cfg["seed"],
         "steps": int(state.step),
+        "num_steps": trainer["num_steps"],
+        "stopped_by_time_limit": stopped_early,
         "train_seconds": time.perf_counter() - start,
         "run_dir": str(run_dir),
     }
@@ -184,6 +232,98 @@ def run_experiment(
     if logger is not None:
       logger.finish(1)
     manager.wait_until_finished()
+    manager.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The metric records of a run (``<run_dir>/metrics.jsonl``), in order."""
+  path = pathlib.Path(run_dir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    split: str = "test",
+    steps: Sequence[int] | None = None,
+    num_episodes: int | None = None,
+    task: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+  """Evaluates the checkpoints of a finished (or stopped) run.
+
+  The run is rebuilt from its ``config.json``; each checkpoint's
+  meta-parameters are evaluated on the same fixed episodes
+  (``trainer.eval_seed``) as the run's own test. Use it for accuracy
+  curves over meta-training, or to test a model on another episode shape
+  (``task={"num_ways": 20}`` tests a ProtoNet trained for 5-way on 20-way
+  episodes).
+
+  Args:
+    run_dir: the run directory (``config.json``, ``checkpoints/``).
+    split: ``"test"``, ``"val"`` or ``"train"``.
+    steps: which checkpoints; default all that are kept.
+    num_episodes: episodes per checkpoint; default ``trainer.test_episodes``
+      (600 in the benchmark rows).
+    task: fields that replace the run's ``task`` fields (episode shape).
+    progress: print a line per checkpoint.
+
+  Returns:
+    One dict per checkpoint, by step: ``step``, ``wall_s`` (from
+    ``metrics.jsonl``, when it has the step) and the metrics of
+    :func:`metalearn.training.evaluate` prefixed with ``<split>/``.
+
+  Raises:
+    FileNotFoundError: if the run has no config or no such checkpoint.
+    ConfigError: if ``task`` makes the config invalid.
+  """
+  run_dir = pathlib.Path(run_dir)
+  cfg = json.loads((run_dir / "config.json").read_text())
+  if task:
+    cfg["task"] = {**cfg["task"], **task}
+  cfg = _build.validate_config(cfg)
+  trainer = cfg["trainer"]
+  if split not in ("train", "val", "test"):
+    raise ValueError(f"split must be train, val or test, got {split!r}")
+  samplers = _build.build_samplers(
+      cfg["task"], _build.load_splits(cfg["task"])
+  )
+  sampler = getattr(samplers, split)
+  learner = _build.build_learner(cfg)
+  tx = _build.build_optimizer(cfg)
+  like = training.init_state(learner, tx, samplers.train,
+                             jax.random.key(cfg["seed"]))
+  wall = {}
+  if (run_dir / "metrics.jsonl").exists():
+    wall = {r["step"]: r["wall_s"] for r in read_metrics(run_dir)}
+  manager = _checkpoint.checkpoint_manager(
+      trainer["checkpoint_dir"] or run_dir / "checkpoints",
+      save_every=trainer["checkpoint_every"],
+      max_to_keep=trainer["max_to_keep"],
+  )
+  try:
+    kept = manager.all_steps()
+    steps = sorted(kept) if steps is None else list(steps)
+    missing = sorted(set(steps) - set(kept))
+    if missing:
+      raise FileNotFoundError(
+          f"no checkpoint of steps {missing} in {manager.directory} (kept: "
+          f"{sorted(kept)})"
+      )
+    rows = []
+    for step in steps:
+      state = _checkpoint.restore_state(manager, like, step)
+      metrics = _evaluate(trainer, learner, state.meta_params, sampler,
+                          num_episodes or trainer["test_episodes"])
+      row = {"step": step, "wall_s": wall.get(step),
+             **{f"{split}/{k}": v for k, v in metrics.items()}}
+      if progress:
+        print(f"{run_dir.name} step {step}: "
+              f"{row.get(f'{split}/outer/accuracy', row.get(f'{split}/outer/loss'))}",
+              flush=True)
+      rows.append(row)
+    return rows
+  finally:
     manager.close()
 
 

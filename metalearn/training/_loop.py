@@ -44,6 +44,7 @@ def meta_train(
     log_every: int = 100,
     callback: Callable[[MetaTrainState, dict[str, float]], None] | None = None,
     progress: bool = True,
+    max_seconds: float | None = None,
 ) -> tuple[MetaTrainState, list[dict[str, float]]]:
   """Meta-trains a learner for ``num_steps`` meta-steps.
 
@@ -71,6 +72,11 @@ def meta_train(
     callback: ``callback(state, metrics)`` every ``log_every`` steps, after
       the metrics are checked to be finite (checkpointing, logging).
     progress: show a console progress bar.
+    max_seconds: stop at the first metric record (a multiple of
+      ``log_every``) reached after this many seconds of this call, even if
+      ``num_steps`` is not reached; ``None``: no limit. Where it stops
+      depends on the machine's speed, but the state at any given step does
+      not: it equals an uninterrupted run's, so the run can be resumed.
 
   Returns:
     The final state and the list of logged metrics (with ``step`` and
@@ -108,6 +114,7 @@ def meta_train(
       dynamic_ncols=True,
   )
   tick, tick_step = time.perf_counter(), start
+  deadline = None if max_seconds is None else tick + max_seconds
   step = start
   while step < num_steps:
     state, metrics = step_fn(state, data, step_key)
@@ -138,6 +145,8 @@ def meta_train(
     history.append(metrics)
     if callback is not None:
       callback(state, metrics)
+    if deadline is not None and now >= deadline:
+      break
   bar.close()
   return state, history
 

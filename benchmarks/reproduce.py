@@ -1,0 +1,231 @@
+"""Reproduces benchmark rows: train, test, accuracy curves, table and plot.
+
+For each experiment named by ``--rows`` (a file of ``configs/experiment/``)
+the script
+
+1. runs ``python -m metalearn.train experiment=<row> logger=none`` in
+   ``<out>/<row>`` with checkpoints every ``--checkpoint-every`` meta-steps
+   (all kept) and ``trainer.max_time_s=--max-time-s`` (the run stops at the
+   first log step after that many seconds, then tests what it has; the
+   table says so). A row whose ``results.json`` exists is not run again;
+2. evaluates ``--curve-points`` of its checkpoints, evenly spaced, on the
+   run's fixed test episodes (:func:`metalearn.experiment.evaluate_run`),
+   for the curves of test accuracy against meta-steps and wall time;
+3. writes ``<out>/summary.json`` (everything, per-step metrics included),
+   ``<out>/table.md`` (paper number beside ours, with the 95% interval over
+   the test episodes, seed, steps, wall time and machine) and
+   ``<out>/curves.png``.
+
+Rows that only re-test another row's model: Snell et al. train one
+ProtoNet per shot count (60-way episodes) and test it on 5-way and 20-way
+episodes. ``omniglot_20w1s_protonet`` trains exactly as
+``omniglot_5w1s_protonet`` (same config but the test episodes), so when
+both are asked for, the 20-way row tests the 5-way row's checkpoints.
+
+Usage (see benchmarks/README.md, section 4):
+  METALEARN_DATA_DIR=../shared/data python benchmarks/reproduce.py \\
+      --rows omniglot_5w1s_protonet,omniglot_20w1s_protonet,omniglot_5w1s_maml \\
+      --max-time-s 6000 --out results/reproduce
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+import _harness
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "configs" / "experiment"
+# row -> (the row whose training run it shares, task fields of its test).
+SHARED_TRAINING = {
+    "omniglot_20w1s_protonet": ("omniglot_5w1s_protonet", {"num_ways": 20}),
+    "omniglot_20w5s_protonet": ("omniglot_5w5s_protonet", {"num_ways": 20}),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--rows", required=True,
+                 help="comma-separated experiment names (configs/experiment)")
+  p.add_argument("--out", default="results/reproduce",
+                 help="directory of the runs, summary, table and plot")
+  p.add_argument("--max-time-s", type=float, default=None,
+                 help="training time limit per run (trainer.max_time_s)")
+  p.add_argument("--checkpoint-every", type=int, default=None,
+                 help="meta-steps between checkpoints (default: the "
+                      "experiment's); must be a multiple of log_every")
+  p.add_argument("--curve-points", type=int, default=8,
+                 help="checkpoints tested for the curves (evenly spaced; "
+                      "the last is always one)")
+  p.add_argument("--curve-episodes", type=int, default=600,
+                 help="test episodes per curve point")
+  p.add_argument("--override", action="append", default=[],
+                 help="extra hydra override for every run (repeatable), "
+                      "e.g. --override trainer.steps_per_call=10")
+  p.add_argument("--smoke", action="store_true",
+                 help="debug=smoke runs of a few steps, for CI")
+  args = p.parse_args(argv)
+  args.rows = tuple(r for r in args.rows.split(",") if r)
+  unknown = [r for r in args.rows if not (EXPERIMENTS / f"{r}.yaml").exists()]
+  if unknown:
+    p.error(f"--rows: no configs/experiment/<row>.yaml for {unknown}")
+  if args.max_time_s is not None and args.max_time_s <= 0:
+    p.error("--max-time-s must be > 0")
+  if args.curve_points < 1 or args.curve_episodes < 1:
+    p.error("--curve-points and --curve-episodes must be >= 1")
+  return args
+
+
+def paper_number(row: str) -> str:
+  """The ``# Paper:`` line of the experiment's header."""
+  text = (EXPERIMENTS / f"{row}.yaml").read_text()
+  match = re.search(r"^# Paper:\s*(.+)$", text, re.MULTILINE)
+  return match.group(1).strip() if match else "n/a"
+
+
+def train(row: str, run_dir: pathlib.Path, args) -> None:
+  if (run_dir / "results.json").exists():
+    print(f"{row}: results.json exists, not run again", flush=True)
+    return
+  cmd = [sys.executable, "-m", "metalearn.train", f"experiment={row}",
+         "logger=none", f"hydra.run.dir={run_dir}", "trainer.progress=false",
+         "trainer.max_to_keep=1000"]
+  if (run_dir / "checkpoints").exists():
+    cmd.append("trainer.resume=true")
+  if args.max_time_s is not None:
+    cmd.append(f"trainer.max_time_s={args.max_time_s}")
+  if args.checkpoint_every is not None:
+    cmd.append(f"trainer.checkpoint_every={args.checkpoint_every}")
+  if args.smoke:
+    cmd += ["debug=smoke", "trainer.test_episodes=4"]
+  cmd += args.override
+  print(" ".join(cmd[1:]), flush=True)
+  subprocess.run(cmd, check=True)
+
+
+def spaced(steps: list[int], count: int) -> list[int]:
+  """``count`` of ``steps``, evenly spaced, the last included."""
+  if len(steps) <= count:
+    return steps
+  picks = [round(i * (len(steps) - 1) / (count - 1)) for i in range(count)] \
+      if count > 1 else [len(steps) - 1]
+  return [steps[i] for i in sorted(set(picks))]
+
+
+def measure_row(row: str, args, out: pathlib.Path) -> dict:
+  from metalearn import experiment
+
+  source, task = SHARED_TRAINING.get(row, (row, None))
+  if source not in args.rows:
+    source, task = row, None
+  run_dir = out / source
+  train(source, run_dir, args)
+  results = json.loads((run_dir / "results.json").read_text())
+  episodes = 4 if args.smoke else args.curve_episodes
+  if task:  # Test the shared run's final checkpoint on this row's episodes.
+    final = experiment.evaluate_run(run_dir, steps=[results["steps"]],
+                                    task=task, num_episodes=episodes)[-1]
+    results = {**{k: v for k, v in results.items()
+                  if not k.startswith("test/")},
+               **{k: v for k, v in final.items() if k.startswith("test/")}}
+  steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  curve = experiment.evaluate_run(
+      run_dir, steps=spaced(steps, args.curve_points), task=task,
+      num_episodes=episodes, progress=True)
+  config = json.loads((run_dir / "config.json").read_text())
+  return {
+      "row": row, "trained_in": source, "test_task_override": task,
+      "paper": paper_number(row), "results": results, "curve": curve,
+      "metrics": experiment.read_metrics(run_dir),
+      "config": config,
+  }
+
+
+def table(rows: list[dict], machine: dict) -> str:
+  cells = []
+  for r in rows:
+    res = r["results"]
+    acc, ci = res.get("test/outer/accuracy"), res.get(
+        "test/outer/accuracy_ci95")
+    if acc is not None:
+      ours = f"{100 * acc:.2f} ± {100 * ci:.2f}"
+    else:  # Regression rows: the test loss (MSE).
+      ours = (f"MSE {res['test/outer/loss']:.3f} ± "
+              f"{res['test/outer/loss_ci95']:.3f}")
+    steps = f"{res['steps']} of {res['num_steps']}"
+    if res.get("stopped_by_time_limit"):
+      steps += " (time limit)"
+    cells.append([r["row"], r["paper"], ours, res["seed"], steps,
+                  f"{res['train_seconds'] / 60:.1f}",
+                  res.get("test/num_episodes")])
+  return "\n".join([
+      _harness.markdown_table(
+          ["row", "paper", "ours: test accuracy % (± 95% CI)", "seed",
+           "meta-steps", "train wall (min)", "test episodes"], cells),
+      "",
+      f"Machine: {machine['cpu']} ({machine['cpu_count']} cores), device "
+      f"{machine['device']}, backend "
+      f"{machine['backend']}, jax {machine['jax']}.",
+  ])
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  for r in rows:
+    pts = [c for c in r["curve"] if "test/outer/accuracy" in c]
+    if not pts:
+      continue
+    acc = [100 * c["test/outer/accuracy"] for c in pts]
+    ci = [100 * c["test/outer/accuracy_ci95"] for c in pts]
+    for ax, xs in ((axes[0], [c["step"] for c in pts]),
+                   (axes[1], [(c["wall_s"] or float("nan")) / 60
+                              for c in pts])):
+      line, = ax.plot(xs, acc, marker="o", label=r["row"])
+      ax.fill_between(xs, [a - c for a, c in zip(acc, ci, strict=True)],
+                      [a + c for a, c in zip(acc, ci, strict=True)],
+                      alpha=0.2, color=line.get_color())
+  axes[0].set_xlabel("meta-steps")
+  axes[1].set_xlabel("wall time of training (min)")
+  axes[0].set_ylabel("test accuracy % (95% CI)")
+  axes[0].legend(fontsize=8)
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  out = pathlib.Path(args.out).resolve()
+  out.mkdir(parents=True, exist_ok=True)
+  os.environ.setdefault("WANDB_MODE", "disabled")
+  start = time.perf_counter()
+  rows = [measure_row(row, args, out) for row in args.rows]
+  machine = _harness.machine_info()
+  text = table(rows, machine)
+  print("\n" + text)
+  (out / "table.md").write_text(text + "\n")
+  plot(rows, out / "curves.png")
+  _harness.write_json(str(out / "summary.json"), {
+      "benchmark": "reproduce", "machine": machine, "rows": rows,
+      "args": {k: v for k, v in vars(args).items()},
+      "seconds": time.perf_counter() - start,
+  })
+  print(f"wrote {out}/table.md, curves.png, summary.json")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
