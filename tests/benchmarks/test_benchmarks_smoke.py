@@ -20,7 +20,7 @@ import pytest
 from metalearn.types import ClassPool
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
-SCRIPTS = ("conv_in_scan", "pooling", "sampling", "throughput")
+SCRIPTS = ("conv_in_scan", "pooling", "reproduce", "sampling", "throughput")
 
 
 def _load(name: str):
@@ -205,3 +205,41 @@ def test_throughput_rejects_unknown_names(bench):
     parse(["--task-map", "pmap"])
   args = parse(["--smoke", "--task-map", "scan,vmap"])
   assert args.task_map == ("scan", "vmap") and args.batch == 2
+
+
+@pytest.mark.slow
+def test_reproduce_smoke(bench, tmp_path, data_dir, monkeypatch):
+  monkeypatch.setenv("METALEARN_DATA_DIR", str(data_dir))
+  monkeypatch.setenv("WANDB_MODE", "disabled")
+  out = tmp_path / "repro"
+  rows = "omniglot_5w1s_protonet,omniglot_20w1s_protonet"
+  argv = ["--smoke", "--rows", rows, "--out", str(out),
+          "--override", "model.features=8"]
+  assert bench["reproduce"].main(argv) == 0
+  summary = json.loads((out / "summary.json").read_text())
+  five, twenty = summary["rows"]
+  # One training run serves both rows; the 20-way row re-tests it.
+  assert five["trained_in"] == twenty["trained_in"] == (
+      "omniglot_5w1s_protonet")
+  assert not (out / "omniglot_20w1s_protonet").exists()
+  assert twenty["test_task_override"] == {"num_ways": 20}
+  assert five["paper"].startswith("98.8%")
+  assert [c["step"] for c in five["curve"]] == [1, 2]
+  for row in (five, twenty):
+    acc = row["results"]["test/outer/accuracy"]
+    assert 0 <= acc <= 1
+    assert row["curve"][-1]["test/outer/accuracy"] == acc
+  assert (twenty["results"]["test/outer/accuracy"]
+          != five["results"]["test/outer/accuracy"])
+  table = (out / "table.md").read_text()
+  assert "| omniglot_20w1s_protonet | 96.0%" in table
+  assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # A second call reuses the finished runs.
+  assert bench["reproduce"].main(argv) == 0
+
+
+def test_reproduce_spaced_checkpoints_keep_the_last(bench):
+  spaced = bench["reproduce"].spaced
+  assert spaced([1, 2, 3], 8) == [1, 2, 3]
+  assert spaced(list(range(1, 11)), 4) == [1, 4, 7, 10]
+  assert spaced(list(range(1, 11)), 1) == [10]

@@ -63,6 +63,8 @@ SINUSOID = ("experiment=sinusoid_maml", "debug=smoke")
          "logger.kind='tensorboard' is not one of wandb, none"),
         (("seed=1.5",), "seed must be an int, got 1.5"),
         (("trainer.devices=0",), "trainer.devices must be an int >= 1"),
+        (("trainer.max_time_s=0",),
+         "trainer.max_time_s must be a number > 0, got 0"),
     ],
     ids=lambda v: v[0] if isinstance(v, tuple) else None,
 )

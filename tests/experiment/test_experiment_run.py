@@ -4,6 +4,7 @@ a local multirun, checkpoints and the logger adapter."""
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -259,3 +260,77 @@ def test_import_metalearn_leaves_the_experiment_stack_unloaded():
       [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
   )
   assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_time_limit_stops_checkpoints_tests_and_resumes(compose_train,
+                                                        tmp_path):
+  keep = ("trainer.max_to_keep=10", "trainer.test_episodes=3",
+          "trainer.eval_batch_size=3")
+  # Any positive limit is reached by the first metric record (step 1).
+  stopped = experiment.run_experiment(
+      compose_train(*SINUSOID, *keep, "trainer.num_steps=5",
+                    "trainer.checkpoint_every=2", "trainer.max_time_s=1e-9"),
+      tmp_path,
+  )
+  assert stopped["steps"] == 1 and stopped["num_steps"] == 5
+  assert stopped["stopped_by_time_limit"] is True
+  assert np.isfinite(stopped["test/outer/loss"])
+  # Step 1 is not a multiple of checkpoint_every, but the stop saved it.
+  assert _finished_steps(tmp_path / "checkpoints") == [1]
+  finished = experiment.run_experiment(
+      compose_train(*SINUSOID, *keep, "trainer.num_steps=5",
+                    "trainer.checkpoint_every=2", "trainer.resume=true"),
+      tmp_path,
+  )
+  assert finished["steps"] == 5 and not finished["stopped_by_time_limit"]
+  records = experiment.read_metrics(tmp_path)
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+  walls = [r["wall_s"] for r in records]
+  assert walls == sorted(walls) and walls[0] > 0
+  assert all(np.isfinite(r["outer/loss"]) for r in records)
+
+
+@pytest.mark.slow
+def test_resume_drops_metric_lines_past_the_checkpoint(compose_train,
+                                                       tmp_path):
+  experiment.run_experiment(
+      compose_train(*SINUSOID, "trainer.num_steps=4",
+                    "trainer.checkpoint_every=2", "trainer.max_to_keep=1"),
+      tmp_path,
+  )
+  # Keep only the checkpoint of step 2, as if the run died after step 3.
+  shutil.rmtree(tmp_path / "checkpoints" / "4")
+  experiment.run_experiment(
+      compose_train(*SINUSOID, "trainer.num_steps=4", "trainer.resume=true",
+                    "trainer.checkpoint_every=2", "trainer.max_to_keep=1"),
+      tmp_path,
+  )
+  assert [r["step"] for r in experiment.read_metrics(tmp_path)] == [
+      1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_evaluate_run_reproduces_the_test_and_changes_the_episodes(
+    compose_train, tmp_path
+):
+  cfg = compose_train(
+      "experiment=omniglot_5w1s_protonet", "debug=smoke",
+      "model.features=8", "trainer.num_steps=2", "trainer.max_to_keep=5",
+  )
+  results = experiment.run_experiment(cfg, tmp_path)
+  rows = experiment.evaluate_run(tmp_path)
+  assert [r["step"] for r in rows] == [1, 2]
+  assert rows[-1]["test/outer/accuracy"] == results["test/outer/accuracy"]
+  assert rows[-1]["wall_s"] == experiment.read_metrics(tmp_path)[-1]["wall_s"]
+  assert rows[0]["test/outer/accuracy"] != rows[1]["test/outer/accuracy"]
+  # The same model on 20-way episodes: a harder test.
+  twenty = experiment.evaluate_run(tmp_path, steps=[2],
+                                   task={"num_ways": 20}, num_episodes=4)
+  assert twenty[0]["test/num_episodes"] == 4
+  assert (twenty[0]["test/outer/accuracy"]
+          < rows[-1]["test/outer/accuracy"])
+  with pytest.raises(FileNotFoundError, match="no checkpoint of steps"):
+    experiment.evaluate_run(tmp_path, steps=[7])
+  with pytest.raises(experiment.ConfigError, match="task.num_ways"):
+    experiment.evaluate_run(tmp_path, task={"num_ways": 0})
