@@ -195,9 +195,13 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
       ax.fill_between(xs, [a - c for a, c in zip(acc, ci, strict=True)],
                       [a + c for a, c in zip(acc, ci, strict=True)],
                       alpha=0.2, color=line.get_color())
+      paper = re.match(r"\s*(\d+(?:\.\d+)?)", r["paper"])
+      if paper:  # The paper's number, dashed, in the row's colour.
+        ax.axhline(float(paper.group(1)), ls="--", lw=1,
+                   color=line.get_color())
   axes[0].set_xlabel("meta-steps")
   axes[1].set_xlabel("wall time of training (min)")
-  axes[0].set_ylabel("test accuracy % (95% CI)")
+  axes[0].set_ylabel("test accuracy % (95% CI); dashed: paper")
   axes[0].legend(fontsize=8)
   for ax in axes:
     ax.grid(alpha=0.3)
