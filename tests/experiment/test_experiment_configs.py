@@ -78,7 +78,8 @@ def test_experiment_composes_and_builds(compose_train, name):
       learner.init, jax.random.key(0), _example_episode(cfg["task"])
   )
   if "model" in cfg["learner"] and cfg["task"]["num_ways"]:
-    head = params.model["head"] if name.endswith("metasgd") else params["head"]
+    # Meta-SGD and the learned-optimiser learners wrap the model's params.
+    head = getattr(params, "model", params)["head"]
     assert head["kernel"].shape[-1] == cfg["task"]["num_ways"]
 
 

@@ -334,3 +334,29 @@ def test_evaluate_run_reproduces_the_test_and_changes_the_episodes(
     experiment.evaluate_run(tmp_path, steps=[7])
   with pytest.raises(experiment.ConfigError, match="task.num_ways"):
     experiment.evaluate_run(tmp_path, task={"num_ways": 0})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ("experiment=omniglot_5w1s_metalstm",),
+    ("learner=lopt",),
+    ("learner=lopt", "learner.learned_optimizer._target_="
+     "metalearn.learned_optimizers.lstm_optimizer",
+     "~learner.learned_optimizer.hidden_sizes",
+     "~learner.learned_optimizer.step_mult"),
+], ids=["metalstm", "lopt-mlp", "lopt-lstm"])
+def test_learned_optimizer_learners_run_from_configs(compose_train, tmp_path,
+                                                     overrides):
+  cfg = compose_train(*overrides, "debug=smoke", "model.features=8")
+  results = experiment.run_experiment(cfg, tmp_path)
+  assert results["steps"] == 2
+  assert np.isfinite(results["test/outer/loss"])
+  assert 0.0 <= results["test/outer/accuracy"] <= 1.0
+  # The optimiser's meta-parameters are trained and checkpointed.
+  _, first = experiment.load_checkpoint(tmp_path / "checkpoints", step=1)
+  _, last = experiment.load_checkpoint(tmp_path / "checkpoints", step=2)
+  theta_first, theta_last = (jax.tree.leaves(t["meta_params"]["theta"])
+                             for t in (first, last))
+  assert theta_first and not all(
+      np.array_equal(a, b)
+      for a, b in zip(theta_first, theta_last, strict=True))
