@@ -27,7 +27,6 @@ import time
 
 import _harness
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -87,51 +86,14 @@ def make_trainer(cfg, family, lopt, estimator_name):
   return train
 
 
-def make_curves(family, lopt, horizon):
-  """``curves(kind, hyper, keys) -> (train, held_out)``: log losses
-  ``[tasks, horizon + 1]`` of ``"adam"`` or ``"sgd"`` (``hyper``: the
-  learning rate) or ``"learned"`` (``hyper``: theta), one compilation per
-  kind."""
-  makers = {"adam": optax.adam, "sgd": optax.sgd, "learned": lopt.opt_fn}
-
-  def curves(kind, hyper, keys):
-    tx = makers[kind](hyper)
-    run = jax.vmap(lambda k: lo.training_curves(family, tx, k,
-                                                num_steps=horizon))
-    train, held_out = run(keys)
-    return jnp.log(train), jnp.log(held_out)
-
-  return jax.jit(curves, static_argnums=0)
-
-
-def summary(log_train, log_held_out):
-  """Geometric-mean losses over tasks; non-finite runs count as 1e6."""
-  def clean(x):
-    return np.nan_to_num(np.asarray(x), nan=np.log(1e6), posinf=np.log(1e6))
-  log_train, log_held_out = clean(log_train), clean(log_held_out)
-  return {
-      "final_train": float(np.exp(log_train[:, -1].mean())),
-      "final_held_out": float(np.exp(log_held_out[:, -1].mean())),
-      "mean_train": float(np.exp(log_train.mean())),
-      "curve_train": np.exp(log_train.mean(0)).tolist(),
-      "curve_held_out": np.exp(log_held_out.mean(0)).tolist(),
-  }
-
-
-def tune(cfg, curves):
+def tune(cfg, curves, family):
   """The learning rate of Adam and SGD with the lowest final training
   loss on training tasks."""
   keys = jax.random.split(jax.random.key(1), cfg["tune_tasks"])
-  tuned, table = {}, {}
-  for name in ("adam", "sgd"):
-    finals = {lr: summary(*curves(name, lr, keys))["final_train"]
-              for lr in cfg["lrs"]}
-    table[name] = finals
-    tuned[name] = min(finals, key=finals.get)
-  return tuned, table
+  return lo.tune_learning_rates(curves, family, keys, cfg["lrs"])
 
 
-def evaluate(cfg, curves, runs_per_seed):
+def evaluate(cfg, curves, family, runs_per_seed):
   """Runs each optimiser, ``name: (kind, hyper)``, on each seed's held-out
   tasks."""
   results = {}
@@ -139,7 +101,8 @@ def evaluate(cfg, curves, runs_per_seed):
     keys = jax.random.split(jax.random.fold_in(jax.random.key(2), seed),
                             cfg["eval_tasks"])
     for name, (kind, hyper) in runs.items():
-      results.setdefault(name, []).append(summary(*curves(kind, hyper, keys)))
+      results.setdefault(name, []).append(lo.summarize_curves(
+          *curves(kind, hyper, family, family.data, keys)))
   return results
 
 
@@ -233,8 +196,8 @@ def main(argv=None) -> int:
       cfg[field] = getattr(args, field)
   start, cpu_start = time.perf_counter(), time.process_time()
   family, lopt = build(cfg)
-  curves = make_curves(family, lopt, cfg["horizon"])
-  tuned, tuning = tune(cfg, curves)
+  curves = lo.loss_curves(lopt, num_steps=cfg["horizon"])
+  tuned, tuning = tune(cfg, curves, family)
   trainers = {est: make_trainer(cfg, family, lopt, est)
               for est in cfg["estimators"]}
   runs_per_seed, training = [], {}
@@ -248,7 +211,7 @@ def main(argv=None) -> int:
       print(f"seed {seed} {est}: meta-trained in {secs:.0f}s, last meta-loss "
             f"{history[-1]['meta_loss']:.3f}", flush=True)
     runs_per_seed.append(runs)
-  results = evaluate(cfg, curves, runs_per_seed)
+  results = evaluate(cfg, curves, family, runs_per_seed)
   agg = {name: aggregate(runs) for name, runs in results.items()}
   seconds = time.perf_counter() - start
   cpu_seconds = time.process_time() - cpu_start

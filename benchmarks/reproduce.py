@@ -22,9 +22,9 @@ episodes. ``omniglot_20w1s_protonet`` trains exactly as
 ``omniglot_5w1s_protonet`` (same config but the test episodes), so when
 both are asked for, the 20-way row tests the 5-way row's checkpoints.
 
-Usage (see benchmarks/README.md, section 4):
+Usage (see benchmarks/README.md, section 5):
   METALEARN_DATA_DIR=../shared/data python benchmarks/reproduce.py \\
-      --rows omniglot_5w1s_protonet,omniglot_20w1s_protonet,omniglot_5w1s_maml \\
+      --rows omniglot_5w1s_protonet,omniglot_20w1s_protonet \\
       --max-time-s 6000 --out results/reproduce
 """
 

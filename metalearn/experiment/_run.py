@@ -318,9 +318,9 @@ def evaluate_run(
       row = {"step": step, "wall_s": wall.get(step),
              **{f"{split}/{k}": v for k, v in metrics.items()}}
       if progress:
-        print(f"{run_dir.name} step {step}: "
-              f"{row.get(f'{split}/outer/accuracy', row.get(f'{split}/outer/loss'))}",
-              flush=True)
+        value = row.get(f"{split}/outer/accuracy",
+                        row.get(f"{split}/outer/loss"))
+        print(f"{run_dir.name} step {step}: {value}", flush=True)
       rows.append(row)
     return rows
   finally:

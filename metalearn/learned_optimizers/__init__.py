@@ -15,6 +15,13 @@ from metalearn.learned_optimizers._base import (
     learnable_sgd,
     log_sign_features,
 )
+from metalearn.learned_optimizers._compare import (
+    BASELINES,
+    loss_curves,
+    summarize_curves,
+    tune_learning_rates,
+    verdict,
+)
 from metalearn.learned_optimizers._estimators import (
     GradientEstimator,
     PESState,
@@ -59,6 +66,7 @@ from metalearn.learned_optimizers._unroll import (
 )
 
 __all__ = (
+    "BASELINES",
     "GradientEstimator",
     "InnerState",
     "LSTMOptimizerParams",
@@ -75,9 +83,13 @@ __all__ = (
     "TaskFamily",
     "TruncatedUnroll",
     "init_outer_state",
+    "loss_curves",
     "inner_loop",
     "learnable_sgd",
     "learned_optimizer_learner",
+    "summarize_curves",
+    "tune_learning_rates",
+    "verdict",
     "log_sign_features",
     "lstm_optimizer",
     "make_outer_step",
