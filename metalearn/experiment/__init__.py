@@ -36,6 +36,10 @@ from metalearn.experiment._logging import (
     wandb_logger,
     wandb_mode,
 )
+from metalearn.experiment._lopt import (
+    run_learned_optimizer,
+    validate_lopt_config,
+)
 from metalearn.experiment._run import (
     evaluate_run,
     read_metrics,
@@ -60,10 +64,12 @@ __all__ = (
     "restore_state",
     "run_experiment",
     "run_hydra",
+    "run_learned_optimizer",
     "run_name",
     "save_state",
     "to_plain",
     "validate_config",
+    "validate_lopt_config",
     "wandb_logger",
     "wandb_mode",
 )

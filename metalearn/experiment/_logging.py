@@ -28,11 +28,16 @@ class Logger(NamedTuple):
     log: ``log(metrics, step)`` records scalar metrics at a meta-step.
     summary: ``summary(results)`` records the final results of the run.
     finish: ``finish(exit_code)`` closes the run (0: success).
+    curves: ``curves(name, {label: values}, png)`` records curves over
+      another axis than the meta-step (e.g. loss per inner step), one line
+      per label, and a PNG of them.
   """
 
   log: Callable[[Mapping[str, float], int], None]
   summary: Callable[[Mapping[str, Any]], None]
   finish: Callable[[int], None]
+  curves: Callable[[str, Mapping[str, Any], Any], None] = (
+      lambda name, lines, png: log.info("%s: %s", name, png))
 
 
 def _format(metrics: Mapping[str, Any]) -> str:
@@ -152,7 +157,17 @@ def wandb_logger(
   def finish(exit_code):
     run.finish(exit_code=exit_code)
 
-  return Logger(log_fn, summary, finish)
+  def curves(name, lines, png):
+    labels = list(lines)
+    run.log({
+        name: wandb.plot.line_series(
+            xs=list(range(len(lines[labels[0]]))),
+            ys=[list(lines[k]) for k in labels], keys=labels, title=name,
+            xname="inner step"),
+        f"{name}_png": wandb.Image(str(png)),
+    })
+
+  return Logger(log_fn, summary, finish, curves)
 
 
 def make_logger(

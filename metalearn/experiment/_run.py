@@ -329,7 +329,8 @@ def evaluate_run(
 
 def _objective(results: Mapping[str, Any]) -> float | None:
   """The number a hydra sweeper optimises: test accuracy, else test loss."""
-  for name in ("test/outer/accuracy", "test/outer/loss"):
+  for name in ("test/outer/accuracy", "test/outer/loss",
+               "learned/final_held_out"):
     if name in results:
       return float(results[name])
   return None
@@ -350,6 +351,10 @@ def run_hydra(cfg) -> float | None:
   from hydra.types import RunMode
 
   hydra_cfg = HydraConfig.get()
+  run = run_experiment
+  if "learned_optimizer" in cfg and "outer" in cfg:
+    # --config-name learned_optimizer: meta-train an optimiser on a family.
+    from metalearn.experiment._lopt import run_learned_optimizer as run
   # Joins a multi-host job when the launch environment describes one
   # (coordinator address, a multi-task srun step); a no-op otherwise.
   training.initialize_distributed()
@@ -358,7 +363,7 @@ def run_hydra(cfg) -> float | None:
   logging.getLogger("absl").setLevel(logging.WARNING)
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   try:
-    results = run_experiment(cfg, hydra_cfg.runtime.output_dir)
+    results = run(cfg, hydra_cfg.runtime.output_dir)
   except USER_ERRORS as e:
     log.error("%s: %s", type(e).__name__, e)
     if (

@@ -1,0 +1,208 @@
+"""Meta-training a learned optimiser on a task family, from a config.
+
+The second use of :mod:`metalearn.learned_optimizers` (the first is a
+few-shot learner, ``learner=metalstm`` or ``learner=lopt``):
+``metalearn-train --config-name learned_optimizer`` meta-trains the
+optimiser over long inner horizons with truncated backprop or PES, then
+runs it against Adam and SGD, each with its learning rate tuned on
+training tasks, on held-out tasks (tasks of the test split).
+"""
+
+import json
+import logging
+import os
+import pathlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import optax
+
+from metalearn import learned_optimizers as lo
+from metalearn.experiment import _build, _logging
+
+log = logging.getLogger("metalearn.experiment")
+
+ESTIMATORS = ("pes", "tbptt")
+
+
+def validate_lopt_config(config: Mapping[str, Any]) -> dict[str, Any]:
+  """Checks a ``learned_optimizer`` config; returns its plain form.
+
+  Raises:
+    ConfigError: on the first bad field, naming it.
+  """
+  cfg = _build.to_plain(config)
+  if not _build._is_int(_build._get(cfg, "seed")):
+    raise _build.ConfigError(f"seed must be an int, got {cfg['seed']!r}")
+  _build._validate_task(cfg)
+  for group in ("model", "learned_optimizer"):
+    _build._target(cfg, group)
+  _build._one_of(cfg, "outer.estimator", ESTIMATORS)
+  for field in ("horizon", "truncation", "num_steps", "steps_per_call",
+                "log_every", "pes_pairs", "tbptt_particles"):
+    _build._int_at_least(cfg, f"outer.{field}", 1)
+  _build._multiple_of(cfg, "outer.horizon", "outer.truncation")
+  _build._multiple_of(cfg, "outer.log_every", "outer.steps_per_call")
+  _build._multiple_of(cfg, "outer.num_steps", "outer.log_every")
+  for field in ("meta_lr", "sigma", "clip_norm"):
+    _build._positive_number(f"outer.{field}",
+                            _build._get(cfg, f"outer.{field}"))
+  batch = _build._get(cfg, "family.batch_size")
+  if batch is not None:
+    _build._int_at_least(cfg, "family.batch_size", 1)
+  for field in ("tune_tasks", "eval_tasks"):
+    _build._int_at_least(cfg, f"eval.{field}", 1)
+  lrs = _build._get(cfg, "eval.learning_rates")
+  if not isinstance(lrs, list) or not lrs:
+    raise _build.ConfigError(
+        f"eval.learning_rates must be a non-empty list, got {lrs!r}")
+  for i, lr in enumerate(lrs):
+    _build._positive_number(f"eval.learning_rates[{i}]", lr)
+  _build._one_of(cfg, "logger.kind", _build.LOGGERS)
+  return cfg
+
+
+def _estimator(cfg, family, lopt):
+  outer = cfg["outer"]
+  unroll = lo.truncated_unroll(
+      family, lopt, truncation_length=outer["truncation"],
+      horizon=outer["horizon"], log_loss=True,
+  )
+  if outer["estimator"] == "pes":
+    return lo.pes(unroll, num_pairs=outer["pes_pairs"], sigma=outer["sigma"])
+  return lo.truncated_backprop(unroll, num_particles=outer["tbptt_particles"])
+
+
+def _plot(summaries: Mapping[str, Mapping[str, Any]], path: pathlib.Path,
+          title: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  for ax, curve in zip(axes, ("curve_train", "curve_held_out"), strict=True):
+    for name, summary in summaries.items():
+      ax.plot(summary[curve], label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("inner step")
+    ax.set_title(curve.removeprefix("curve_").replace("_", "-") + " loss")
+  axes[0].set_ylabel("geometric-mean loss over held-out tasks")
+  axes[0].legend()
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def run_learned_optimizer(
+    config: Mapping[str, Any], run_dir: str | os.PathLike
+) -> dict[str, Any]:
+  """Meta-trains a learned optimiser, then compares it on held-out tasks.
+
+  The task family trains a fresh ``model`` on the support set of one
+  episode of the ``task`` (its training split) for ``outer.horizon``
+  steps (minibatches of ``family.batch_size``); the meta-objective is the
+  mean log training loss over truncations of ``outer.truncation`` steps,
+  its gradient estimated by ``outer.estimator`` (``pes`` or ``tbptt``).
+  After ``outer.num_steps`` outer steps (Adam, gradients clipped), the
+  learned optimiser, and Adam and SGD with the learning rate of
+  ``eval.learning_rates`` that trains ``eval.tune_tasks`` training tasks
+  best, each train ``eval.eval_tasks`` held-out tasks drawn from the test
+  split (the same tasks for all three).
+
+  Writes ``<run_dir>/metrics.jsonl`` (outer metrics every
+  ``outer.log_every`` steps), ``curves.png`` (loss against inner step),
+  ``results.json``; logs the same to the logger (wandb: metrics, the
+  curves as line plots and the PNG).
+
+  Returns:
+    ``results``: per optimiser ``final_train``, ``final_held_out``,
+    ``mean_train``; the tuned learning rates; ``verdict``; timings.
+  """
+  cfg = validate_lopt_config(config)
+  outer, ev = cfg["outer"], cfg["eval"]
+  run_dir = pathlib.Path(run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  samplers = _build.build_samplers(
+      cfg["task"], _build.load_splits(cfg["task"])
+  )
+  model = _build._instantiate(cfg["model"], "model")
+  lopt = _build._instantiate(cfg["learned_optimizer"], "learned_optimizer")
+  if not isinstance(lopt, lo.LearnedOptimizer):
+    raise _build.ConfigError(
+        f"learned_optimizer._target_={cfg['learned_optimizer']['_target_']!r}"
+        f" returned a {type(lopt).__name__}, not a LearnedOptimizer")
+  batch = cfg["family"]["batch_size"]
+  family = lo.model_task_family(model, samplers.train, batch_size=batch)
+  held_out = lo.model_task_family(model, samplers.test, batch_size=batch)
+  estimator = _estimator(cfg, family, lopt)
+  tx = optax.chain(optax.clip_by_global_norm(outer["clip_norm"]),
+                   optax.adam(outer["meta_lr"]))
+  step = lo.make_outer_step(estimator, tx,
+                            steps_per_call=outer["steps_per_call"])
+  key = jax.random.key(cfg["seed"])
+  train_key, tune_key, eval_key = (jax.random.fold_in(key, i)
+                                   for i in range(3))
+  (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+  name = cfg.get("name") or f"lopt_{outer['estimator']}"
+  logger = _logging.make_logger(cfg["logger"], run_dir=run_dir, name=name,
+                                config=cfg)
+  metrics_path = run_dir / "metrics.jsonl"
+  metrics_path.write_text("")
+  ok = False
+  try:
+    start = time.perf_counter()
+    state = lo.init_outer_state(lopt, estimator, tx, train_key, family.data)
+    for target in range(outer["log_every"], outer["num_steps"] + 1,
+                        outer["log_every"]):
+      state, history = lo.outer_train(step, state, key=train_key,
+                                      num_steps=target, data=family.data)
+      last = {k: v for k, v in history[-1].items() if k != "step"}
+      logger.log({f"outer/{k}": v for k, v in last.items()}, target)
+      with metrics_path.open("a") as f:
+        f.write(json.dumps({"step": target, "wall_s": round(
+            time.perf_counter() - start, 3), **last}) + "\n")
+    train_seconds = time.perf_counter() - start
+    curves = lo.loss_curves(lopt, num_steps=outer["horizon"])
+    tuned, table = lo.tune_learning_rates(
+        curves, family, jax.random.split(tune_key, ev["tune_tasks"]),
+        ev["learning_rates"])
+    keys = jax.random.split(eval_key, ev["eval_tasks"])
+    runs = {**{k: (k, lr) for k, lr in tuned.items()},
+            "learned": ("learned", state.theta)}
+    summaries = {
+        label: lo.summarize_curves(
+            *curves(kind, hyper, held_out, held_out.data, keys))
+        for label, (kind, hyper) in runs.items()
+    }
+    results = {
+        "name": name, "seed": cfg["seed"], "outer_steps": int(state.step),
+        "estimator": outer["estimator"], "train_seconds": train_seconds,
+        "tuned_learning_rates": tuned,
+        "tuning_final_train": {k: {str(lr): v for lr, v in t.items()}
+                               for k, t in table.items()},
+        "verdict": lo.verdict(summaries),
+        **{f"{label}/{m}": s[m] for label, s in summaries.items()
+           for m in ("final_train", "final_held_out", "mean_train")},
+    }
+    png = run_dir / "curves.png"
+    _plot(summaries, png,
+          f"{name}: {results['verdict']} (Adam lr {tuned['adam']:g}, SGD lr "
+          f"{tuned['sgd']:g}; {ev['eval_tasks']} held-out tasks)")
+    logger.curves(
+        "held_out_loss",
+        {label: s["curve_held_out"] for label, s in summaries.items()},
+        png,
+    )
+    (run_dir / "curves.json").write_text(json.dumps(summaries))
+    (run_dir / "results.json").write_text(
+        json.dumps(results, indent=2, sort_keys=True))
+    logger.summary(results)
+    log.info("%s", results["verdict"])
+    ok = True
+    return results
+  finally:
+    logger.finish(0 if ok else 1)
