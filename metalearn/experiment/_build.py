@@ -19,7 +19,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from metalearn import data, tasks
+from metalearn import data, metalearners, tasks
 from metalearn.metalearners import MetaLearner
 
 DATASETS = ("omniglot", "mini_imagenet", "sinusoid")
@@ -137,6 +137,11 @@ def learner_name(cfg: Mapping[str, Any]) -> str:
   return name
 
 
+def uses_task_pairs(cfg: Mapping[str, Any]) -> bool:
+  """Whether the learner trains on task pairs (task interpolation, MLTI)."""
+  return learner_name(cfg) == "mlti"
+
+
 def run_name(cfg: Mapping[str, Any]) -> str:
   """``cfg["name"]``, else ``<task>_<learner>``."""
   return cfg.get("name") or f"{cfg['task'].get('name', 'task')}_" + (
@@ -160,6 +165,10 @@ def _validate_task(cfg) -> None:
   _int_at_least(cfg, "task.train_num_ways", 1)
   _int_at_least(cfg, "task.image_size", 4)
   _get(cfg, "task.data_dir")
+  if cfg["task"].get("train_classes") is not None:
+    _int_at_least(cfg, "task.train_classes", 1)
+    if cfg["task"].get("train_class_group", 1) is not None:
+      _int_at_least(cfg, "task.train_class_group", 1)
   if dataset == "omniglot":
     try:
       data.omniglot_split_names(_get(cfg, "task.split_scheme"))
@@ -175,6 +184,10 @@ def _validate_head(cfg) -> None:
   net = learner.get("model")
   if task["dataset"] == "sinusoid" or not isinstance(net, Mapping):
     return
+  inner = learner.get("learner_fn")
+  if isinstance(inner, Mapping) and str(inner.get("_target_", "")).endswith(
+      "protonet"):
+    return  # MLTI around ProtoNet: the model is an embedding.
   name = learner_name(cfg)
   num_outputs = net.get("num_outputs")
   if num_outputs is None:
@@ -367,12 +380,19 @@ def _episode_sampler(task, pool, split: str) -> tasks.TaskSampler:
 
 
 def build_samplers(
-    task: Mapping[str, Any], splits: data.DatasetSplits | None
+    task: Mapping[str, Any], splits: data.DatasetSplits | None,
+    *, paired: bool = False,
 ) -> Samplers:
   """The train/val/test samplers of a validated task config.
 
   Meta-training uses ``train_num_ways`` and ``train_num_queries``;
-  validation and test use ``num_ways`` and ``num_queries``.
+  validation and test use ``num_ways`` and ``num_queries``. A few-task
+  setting keeps only ``train_classes`` meta-training classes (groups of
+  ``train_class_group`` consecutive classes, e.g. 4 for an Omniglot
+  character with its rotations; drawn with ``train_class_seed``;
+  :func:`metalearn.data.restrict_classes`). ``paired`` draws meta-training
+  tasks in pairs (:func:`metalearn.metalearners.paired_sampler`), for
+  learners that combine two tasks (:func:`uses_task_pairs`).
 
   Raises:
     ConfigError: if a split cannot supply the episodes (more ways than
@@ -393,10 +413,22 @@ def build_samplers(
 
     test = make(task["num_queries"])
     return Samplers(make(task["train_num_queries"]), test, test)
+  pools = {split: getattr(splits, split) for split in ("test", "val", "train")}
+  if task.get("train_classes") is not None:
+    try:
+      pools["train"] = data.restrict_classes(
+          pools["train"], task["train_classes"],
+          seed=task.get("train_class_seed", 0),
+          group_size=task.get("train_class_group", 1),
+      )
+    except ValueError as e:
+      raise ConfigError(f"task.train_classes: {e}") from e
   # Test and val first: they read num_ways itself, which train_num_ways
   # usually interpolates, so the error names the field the user set.
   test, val, train = (
-      _episode_sampler(task, getattr(splits, split), split)
+      _episode_sampler(task, pools[split], split)
       for split in ("test", "val", "train")
   )
+  if paired:
+    train = metalearners.paired_sampler(train)
   return Samplers(train, val, test)

@@ -162,7 +162,8 @@ def run_experiment(
   run_dir = pathlib.Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   samplers = _build.build_samplers(
-      cfg["task"], _build.load_splits(cfg["task"])
+      cfg["task"], _build.load_splits(cfg["task"]),
+      paired=_build.uses_task_pairs(cfg),
   )
   learner = _build.build_learner(cfg)
   tx = _build.build_optimizer(cfg)
@@ -286,7 +287,8 @@ def evaluate_run(
   if split not in ("train", "val", "test"):
     raise ValueError(f"split must be train, val or test, got {split!r}")
   samplers = _build.build_samplers(
-      cfg["task"], _build.load_splits(cfg["task"])
+      cfg["task"], _build.load_splits(cfg["task"]),
+      paired=_build.uses_task_pairs(cfg),
   )
   sampler = getattr(samplers, split)
   learner = _build.build_learner(cfg)

@@ -77,7 +77,8 @@ def test_experiment_composes_and_builds(compose_train, name):
   params = jax.eval_shape(
       learner.init, jax.random.key(0), _example_episode(cfg["task"])
   )
-  if "model" in cfg["learner"] and cfg["task"]["num_ways"]:
+  net = cfg["learner"].get("model") or {}
+  if net.get("num_outputs") and cfg["task"]["num_ways"]:
     # Meta-SGD and the learned-optimiser learners wrap the model's params.
     head = getattr(params, "model", params)["head"]
     assert head["kernel"].shape[-1] == cfg["task"]["num_ways"]

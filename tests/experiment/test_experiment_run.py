@@ -360,3 +360,34 @@ def test_learned_optimizer_learners_run_from_configs(compose_train, tmp_path,
   assert theta_first and not all(
       np.array_equal(a, b)
       for a, b in zip(theta_first, theta_last, strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("learner", ["mlti-maml", "mlti-protonet"])
+def test_mlti_few_task_experiments_run(compose_train, tmp_path, learner):
+  cfg = compose_train(f"experiment=omniglot50_5w1s_{learner}", "debug=smoke",
+                      "model.features=8")
+  results = experiment.run_experiment(cfg, tmp_path)
+  assert results["steps"] == 2
+  assert 0.0 <= results["test/outer/accuracy"] <= 1.0
+  assert np.isfinite(results["test/outer/loss"])
+
+
+def test_few_task_setting_restricts_only_the_training_classes(compose_train):
+  cfg = experiment.validate_config(
+      compose_train("experiment=omniglot50_5w1s_mlti-maml"))
+  samplers = experiment.build_samplers(
+      cfg["task"], experiment.load_splits(cfg["task"]), paired=True)
+  pool = samplers.train.data
+  # 50 characters x 4 rotations, whole characters (ids 4c .. 4c+3).
+  ids = np.asarray(pool.class_ids)
+  assert ids.shape == (200,)
+  assert np.array_equal(ids.reshape(50, 4) // 4,
+                        np.repeat((ids[::4] // 4)[:, None], 4, axis=1))
+  assert samplers.test.data.class_ids.shape == (1692,)
+  pair = samplers.train.sample(jax.random.key(0), pool)
+  assert pair.episode.support_x.shape == pair.partner.support_x.shape
+  cfg["task"]["train_classes"] = 5000
+  with pytest.raises(experiment.ConfigError, match="task.train_classes"):
+    experiment.build_samplers(cfg["task"],
+                              experiment.load_splits(cfg["task"]))
