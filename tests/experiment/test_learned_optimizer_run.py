@@ -34,9 +34,16 @@ def test_default_config_is_the_benchmark_family():
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator,logger", [("pes", "wandb"),
                                               ("tbptt", "none")])
-def test_meta_trains_compares_and_writes_curves(tmp_path, estimator, logger):
+def test_meta_trains_compares_and_writes_curves(tmp_path, monkeypatch,
+                                               estimator, logger):
+  # wandb offline: files only, no network.
+  monkeypatch.setenv("WANDB_MODE", "offline")
   results = _lopt.run_learned_optimizer(
       _compose(f"outer.estimator={estimator}", f"logger={logger}"), tmp_path)
+  if logger == "wandb":  # The curves went to wandb: a line plot and the PNG.
+    media = list((tmp_path / "wandb").glob("offline-run-*/files/media/*/*"))
+    for prefix in ("held_out_loss_png", "held_out_loss_table"):
+      assert any(p.name.startswith(prefix) for p in media), media
   assert results["outer_steps"] == 2 and results["estimator"] == estimator
   for name in ("adam", "sgd", "learned"):
     for metric in ("final_train", "final_held_out", "mean_train"):
