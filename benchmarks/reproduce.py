@@ -127,17 +127,17 @@ def measure_row(row: str, args, out: pathlib.Path) -> dict:
   train(source, run_dir, args)
   results = json.loads((run_dir / "results.json").read_text())
   episodes = 4 if args.smoke else args.curve_episodes
-  if task:  # Test the shared run's final checkpoint on this row's episodes.
-    final = experiment.evaluate_run(run_dir, steps=[results["steps"]],
-                                    task=task, num_episodes=episodes)[-1]
-    results = {**{k: v for k, v in results.items()
-                  if not k.startswith("test/")},
-               **{k: v for k, v in final.items() if k.startswith("test/")}}
   steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()
                  if p.name.isdigit())
   curve = experiment.evaluate_run(
       run_dir, steps=spaced(steps, args.curve_points), task=task,
       num_episodes=episodes, progress=True)
+  if task:  # The shared run's final checkpoint on this row's episodes.
+    final = curve[-1]  # spaced() keeps the last checkpoint: the final step.
+    assert final["step"] == results["steps"], (final["step"], results)
+    results = {**{k: v for k, v in results.items()
+                  if not k.startswith("test/")},
+               **{k: v for k, v in final.items() if k.startswith("test/")}}
   config = json.loads((run_dir / "config.json").read_text())
   return {
       "row": row, "trained_in": source, "test_task_override": task,

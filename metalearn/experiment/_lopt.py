@@ -20,7 +20,7 @@ import jax
 import optax
 
 from metalearn import learned_optimizers as lo
-from metalearn.experiment import _build, _logging
+from metalearn.experiment import _build, _logging, _run
 
 log = logging.getLogger("metalearn.experiment")
 
@@ -150,8 +150,7 @@ def run_learned_optimizer(
   name = cfg.get("name") or f"lopt_{outer['estimator']}"
   logger = _logging.make_logger(cfg["logger"], run_dir=run_dir, name=name,
                                 config=cfg)
-  metrics_path = run_dir / "metrics.jsonl"
-  metrics_path.write_text("")
+  metrics_file = _run._MetricsFile(run_dir / "metrics.jsonl", None)
   ok = False
   try:
     start = time.perf_counter()
@@ -162,9 +161,7 @@ def run_learned_optimizer(
                                       num_steps=target, data=family.data)
       last = {k: v for k, v in history[-1].items() if k != "step"}
       logger.log({f"outer/{k}": v for k, v in last.items()}, target)
-      with metrics_path.open("a") as f:
-        f.write(json.dumps({"step": target, "wall_s": round(
-            time.perf_counter() - start, 3), **last}) + "\n")
+      metrics_file.write(target, last)
     train_seconds = time.perf_counter() - start
     curves = lo.loss_curves(lopt, num_steps=outer["horizon"])
     tuned, table = lo.tune_learning_rates(
