@@ -14,7 +14,7 @@ the script
 3. writes ``<out>/summary.json`` (everything, per-step metrics included),
    ``<out>/table.md`` (paper number beside ours, with the 95% interval over
    the test episodes, seed, steps, wall time and machine) and
-   ``<out>/curves.png``.
+   ``<out>/curves.png`` (``curves_mse.png`` for regression rows).
 
 Rows that only re-test another row's model: Snell et al. train one
 ProtoNet per shot count (60-way episodes) and test it on 5-way and 20-way
@@ -147,6 +147,33 @@ def measure_row(row: str, args, out: pathlib.Path) -> dict:
   }
 
 
+def train_wall_s(row: dict) -> float:
+  """Training wall time of a row's run, over all its resumed processes.
+
+  ``results.json`` times the last process only; ``metrics.jsonl``'s
+  ``wall_s`` carries on across resumes.
+  """
+  walls = [m["wall_s"] for m in row["metrics"] if m.get("wall_s") is not None]
+  return max([row["results"]["train_seconds"], *walls])
+
+
+def paper_value(paper: str, num_shots: int | None) -> float | None:
+  """The paper's figure for a row's shot count, for the dashed line.
+
+  ``"98.8% (...)"`` gives 98.8; ``"MSE a / b / c for K = 5 / 10 / 20"``
+  gives the figure under ``num_shots``.
+  """
+  numbers = re.findall(r"(\d+(?:\.\d+)?)(?:\s*±\s*\d+(?:\.\d+)?)?",
+                       paper.split("(")[0].split(" for K")[0])
+  shots = re.search(r"for K = ([\d /]+)", paper)
+  if shots and num_shots is not None:
+    ks = [int(k) for k in shots.group(1).split("/")]
+    if num_shots in ks and len(numbers) == len(ks):
+      return float(numbers[ks.index(num_shots)])
+    return None
+  return float(numbers[0]) if numbers else None
+
+
 def table(rows: list[dict], machine: dict) -> str:
   cells = []
   for r in rows:
@@ -162,11 +189,11 @@ def table(rows: list[dict], machine: dict) -> str:
     if res.get("stopped_by_time_limit"):
       steps += " (time limit)"
     cells.append([r["row"], r["paper"], ours, res["seed"], steps,
-                  f"{res['train_seconds'] / 60:.1f}",
+                  f"{train_wall_s(r) / 60:.1f}",
                   res.get("test/num_episodes")])
   return "\n".join([
       _harness.markdown_table(
-          ["row", "paper", "ours: test accuracy % (± 95% CI)", "seed",
+          ["row", "paper", "ours: test accuracy % or MSE (± 95% CI)", "seed",
            "meta-steps", "train wall (min)", "test episodes"], cells),
       "",
       f"Machine: {machine['cpu']} ({machine['cpu_count']} cores), device "
@@ -175,39 +202,47 @@ def table(rows: list[dict], machine: dict) -> str:
   ])
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
+def plot(rows: list[dict], path: pathlib.Path, metric: str,
+         ylabel: str, scale: float = 1.0) -> bool:
+  """Test ``metric`` against meta-steps and wall time, paper dashed.
+
+  Returns False (and writes nothing) when no row has the metric.
+  """
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  rows = [r for r in rows if any(metric in c for c in r["curve"])]
+  if not rows:
+    return False
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
   for r in rows:
-    pts = [c for c in r["curve"] if "test/outer/accuracy" in c]
-    if not pts:
-      continue
-    acc = [100 * c["test/outer/accuracy"] for c in pts]
-    ci = [100 * c["test/outer/accuracy_ci95"] for c in pts]
+    pts = [c for c in r["curve"] if metric in c]
+    val = [scale * c[metric] for c in pts]
+    ci = [scale * c[f"{metric}_ci95"] for c in pts]
+    shots = (r["test_task_override"] or {}).get(
+        "num_shots", r["config"]["task"].get("num_shots"))
+    paper = paper_value(r["paper"], shots)
     for ax, xs in ((axes[0], [c["step"] for c in pts]),
                    (axes[1], [(c["wall_s"] or float("nan")) / 60
                               for c in pts])):
-      line, = ax.plot(xs, acc, marker="o", label=r["row"])
-      ax.fill_between(xs, [a - c for a, c in zip(acc, ci, strict=True)],
-                      [a + c for a, c in zip(acc, ci, strict=True)],
+      line, = ax.plot(xs, val, marker="o", label=r["row"])
+      ax.fill_between(xs, [a - c for a, c in zip(val, ci, strict=True)],
+                      [a + c for a, c in zip(val, ci, strict=True)],
                       alpha=0.2, color=line.get_color())
-      paper = re.match(r"\s*(\d+(?:\.\d+)?)", r["paper"])
-      if paper:  # The paper's number, dashed, in the row's colour.
-        ax.axhline(float(paper.group(1)), ls="--", lw=1,
-                   color=line.get_color())
+      if paper is not None:  # The paper's number, in the row's colour.
+        ax.axhline(paper, ls="--", lw=1, color=line.get_color())
   axes[0].set_xlabel("meta-steps")
   axes[1].set_xlabel("wall time of training (min)")
-  axes[0].set_ylabel("test accuracy % (95% CI); dashed: paper")
+  axes[0].set_ylabel(f"{ylabel} (95% CI); dashed: paper")
   axes[0].legend(fontsize=8)
   for ax in axes:
     ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+  return True
 
 
 def main(argv=None) -> int:
@@ -221,13 +256,16 @@ def main(argv=None) -> int:
   text = table(rows, machine)
   print("\n" + text)
   (out / "table.md").write_text(text + "\n")
-  plot(rows, out / "curves.png")
+  plot(rows, out / "curves.png", "test/outer/accuracy", "test accuracy %",
+       scale=100)
+  regression = [r for r in rows if "test/outer/accuracy" not in r["results"]]
+  plot(regression, out / "curves_mse.png", "test/outer/loss", "test MSE")
   _harness.write_json(str(out / "summary.json"), {
       "benchmark": "reproduce", "machine": machine, "rows": rows,
       "args": {k: v for k, v in vars(args).items()},
       "seconds": time.perf_counter() - start,
   })
-  print(f"wrote {out}/table.md, curves.png, summary.json")
+  print(f"wrote {out}/table.md, summary.json and the curves")
   return 0
 
 

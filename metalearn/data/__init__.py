@@ -9,7 +9,7 @@ from metalearn.data._common import (
     resize_images,
     resolve_data_dir,
 )
-from metalearn.data._fewtask import restrict_classes
+from metalearn.data._fewtask import merge_pools, restrict_classes
 from metalearn.data._miniimagenet import load_mini_imagenet
 from metalearn.data._omniglot import load_omniglot, with_rotations
 from metalearn.data._omniglot import split_names as omniglot_split_names
@@ -22,6 +22,7 @@ __all__ = (
     "load_mini_imagenet",
     "load_omniglot",
     "make_pool",
+    "merge_pools",
     "omniglot_split_names",
     "resize_images",
     "resolve_data_dir",

@@ -1,7 +1,8 @@
-"""Few-task settings: meta-training on a restricted subset of classes."""
+"""Meta-training class sets: a restricted subset, or splits merged."""
 
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from metalearn.types import ClassPool
@@ -103,3 +104,50 @@ def restrict_classes(
       )
   rows = (chosen[:, None] * group_size + np.arange(group_size)).reshape(-1)
   return ClassPool(pool.images[rows], pool.class_ids[rows])
+
+
+def merge_pools(*pools: ClassPool) -> ClassPool:
+  """One pool holding the classes of several, in the order given.
+
+  Snell et al. (2017) meta-train their final Omniglot and Mini-ImageNet
+  models on the training and validation classes together, once early
+  stopping on validation has fixed the schedule: ``merge_pools(splits.train,
+  splits.val)`` is that class set (``task.train_splits: [train, val]`` in an
+  experiment config).
+
+  Args:
+    *pools: at least one pool; all with the same examples per class and
+      image shape, and no class id in two of them.
+
+  Returns:
+    The merged :class:`~metalearn.types.ClassPool` (arrays concatenated on
+    the pools' device).
+
+  Raises:
+    ValueError: if no pool is given, the shapes differ or a class repeats.
+
+  Examples:
+    >>> import numpy as np
+    >>> from metalearn.types import ClassPool
+    >>> a = ClassPool(np.zeros((3, 2, 4, 4, 1), np.uint8), np.arange(3))
+    >>> b = ClassPool(np.ones((2, 2, 4, 4, 1), np.uint8), np.arange(3, 5))
+    >>> merge_pools(a, b).class_ids.tolist()
+    [0, 1, 2, 3, 4]
+  """
+  if not pools:
+    raise ValueError("merge_pools needs at least one pool")
+  shapes = {tuple(p.images.shape[1:]) for p in pools}
+  if len(shapes) != 1:
+    raise ValueError(
+        "pools differ in examples per class or image shape: "
+        f"{sorted(shapes)}"
+    )
+  ids = np.concatenate([np.asarray(p.class_ids) for p in pools])
+  if len(np.unique(ids)) != ids.size:
+    raise ValueError("a class id appears in more than one pool")
+  if len(pools) == 1:
+    return pools[0]
+  return ClassPool(
+      jnp.concatenate([jnp.asarray(p.images) for p in pools]),
+      jnp.concatenate([jnp.asarray(p.class_ids) for p in pools]),
+  )

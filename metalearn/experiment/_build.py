@@ -10,7 +10,7 @@ library only ever sees the plain values.
 import copy
 import numbers
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import hydra.utils
@@ -165,6 +165,19 @@ def _validate_task(cfg) -> None:
   _int_at_least(cfg, "task.train_num_ways", 1)
   _int_at_least(cfg, "task.image_size", 4)
   _get(cfg, "task.data_dir")
+  train_splits = cfg["task"].get("train_splits", ["train"])
+  if (
+      not isinstance(train_splits, Sequence)
+      or isinstance(train_splits, str)
+      or not train_splits
+      or not set(train_splits) <= {"train", "val"}
+      or len(set(train_splits)) != len(train_splits)
+  ):
+    raise ConfigError(
+        "task.train_splits must be a list of distinct splits among "
+        f"['train', 'val'] (test classes are never meta-trained on), got "
+        f"{train_splits!r}"
+    )
   if cfg["task"].get("train_classes") is not None:
     _int_at_least(cfg, "task.train_classes", 1)
     if cfg["task"].get("train_class_group", 1) is not None:
@@ -386,9 +399,12 @@ def build_samplers(
   """The train/val/test samplers of a validated task config.
 
   Meta-training uses ``train_num_ways`` and ``train_num_queries``;
-  validation and test use ``num_ways`` and ``num_queries``. A few-task
-  setting keeps only ``train_classes`` meta-training classes (groups of
-  ``train_class_group`` consecutive classes, e.g. 4 for an Omniglot
+  validation and test use ``num_ways`` and ``num_queries``. Meta-training
+  draws its classes from the ``train_splits`` (``["train"]`` by default;
+  ``["train", "val"]`` as Snell et al.'s final runs, with no held-out
+  validation classes left). A few-task setting keeps only
+  ``train_classes`` meta-training classes (groups of ``train_class_group``
+  consecutive classes, e.g. 4 for an Omniglot
   character with its rotations; drawn with ``train_class_seed``;
   :func:`metalearn.data.restrict_classes`). ``paired`` draws meta-training
   tasks in pairs (:func:`metalearn.metalearners.paired_sampler`), for
@@ -414,6 +430,8 @@ def build_samplers(
     test = make(task["num_queries"])
     return Samplers(make(task["train_num_queries"]), test, test)
   pools = {split: getattr(splits, split) for split in ("test", "val", "train")}
+  pools["train"] = data.merge_pools(
+      *(pools[split] for split in task.get("train_splits", ["train"])))
   if task.get("train_classes") is not None:
     try:
       pools["train"] = data.restrict_classes(

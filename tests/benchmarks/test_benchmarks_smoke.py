@@ -10,6 +10,7 @@ learner table.
 import importlib.util
 import json
 import pathlib
+import re
 import sys
 
 import jax
@@ -236,6 +237,40 @@ def test_reproduce_smoke(bench, tmp_path, data_dir, monkeypatch):
   assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # A second call reuses the finished runs.
   assert bench["reproduce"].main(argv) == 0
+
+
+def test_reproduce_regression_rows(bench, tmp_path, monkeypatch):
+  monkeypatch.setenv("WANDB_MODE", "disabled")
+  out = tmp_path / "repro"
+  argv = ["--smoke", "--rows", "sinusoid_maml,sinusoid_metasgd",
+          "--out", str(out), "--override", "task.num_shots=5"]
+  assert bench["reproduce"].main(argv) == 0
+  summary = json.loads((out / "summary.json").read_text())
+  for row in summary["rows"]:
+    assert row["config"]["task"]["num_shots"] == 5
+    assert "test/outer/accuracy" not in row["results"]
+    assert row["curve"][-1]["test/outer/loss"] == (
+        row["results"]["test/outer/loss"])
+  table = (out / "table.md").read_text()
+  assert len(re.findall(r"\| MSE \d+\.\d{3} ± \d+\.\d{3} \| 0 \|", table)) == 2
+  assert (out / "curves_mse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert not (out / "curves.png").exists()  # No classification rows.
+
+
+def test_reproduce_paper_value_and_wall_time(bench):
+  mod = bench["reproduce"]
+  assert mod.paper_value("98.8% (Snell et al. 2017)", 1) == 98.8
+  assert mod.paper_value("98.7 ± 0.4% (Finn et al. 2017)", 1) == 98.7
+  mse = "MSE 1.13 ± 0.18 / 0.85 ± 0.14 / 0.71 ± 0.12 for K = 5 / 10 / 20 (Li)"
+  assert [mod.paper_value(mse, k) for k in (5, 10, 20, 7)] == [
+      1.13, 0.85, 0.71, None]
+  assert mod.paper_value("n/a", 1) is None
+  # A resumed run: results.json times the last process, metrics.jsonl all.
+  row = {"results": {"train_seconds": 5.0},
+         "metrics": [{"step": 10, "wall_s": 100.0}, {"step": 20,
+                                                     "wall_s": 160.0}]}
+  assert mod.train_wall_s(row) == 160.0
+  assert mod.train_wall_s({**row, "metrics": []}) == 5.0
 
 
 def test_reproduce_spaced_checkpoints_keep_the_last(bench):

@@ -50,7 +50,7 @@ def test_every_benchmark_row_has_an_experiment():
       f"mini_imagenet_{task}_{learner}"
       for task in ("5w1s", "5w5s") for learner in LEARNERS
   }
-  expected.add("sinusoid_maml")
+  expected |= {"sinusoid_maml", "sinusoid_metasgd"}
   assert expected <= set(EXPERIMENTS)
 
 

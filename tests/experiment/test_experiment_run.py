@@ -391,3 +391,23 @@ def test_few_task_setting_restricts_only_the_training_classes(compose_train):
   with pytest.raises(experiment.ConfigError, match="task.train_classes"):
     experiment.build_samplers(cfg["task"],
                               experiment.load_splits(cfg["task"]))
+
+
+def test_train_splits_meta_train_on_train_and_val_classes(compose_train):
+  cfg = experiment.validate_config(
+      compose_train("experiment=omniglot_5w1s_protonet"))
+  assert list(cfg["task"]["train_splits"]) == ["train", "val"]
+  splits = experiment.load_splits(cfg["task"])
+  samplers = experiment.build_samplers(cfg["task"], splits)
+  # Snell et al.: 1200 characters x 4 rotations; val and test keep theirs.
+  ids = np.asarray(samplers.train.data.class_ids)
+  assert ids.shape == (4800,)
+  np.testing.assert_array_equal(
+      ids, np.concatenate([splits.train.class_ids, splits.val.class_ids]))
+  assert samplers.val.data.class_ids.shape == (688,)
+  assert not set(ids.tolist()) & set(
+      np.asarray(samplers.test.data.class_ids).tolist())
+  for bad in (["train", "test"], [], ["train", "train"], "train"):
+    cfg["task"]["train_splits"] = bad
+    with pytest.raises(experiment.ConfigError, match="task.train_splits"):
+      experiment.validate_config(cfg)

@@ -456,3 +456,23 @@ def test_mlti_protonet_learns_few_task_omniglot(omniglot):
   result = training.evaluate(learner, state.meta_params, test,
                              jax.random.key(1), num_episodes=100)
   assert result["outer/accuracy"] > 0.5  # Chance is 0.2.
+
+
+def test_merge_pools_concatenates_classes_with_their_images():
+  pool = _rotated_pool(6)
+  a = data.restrict_classes(pool, classes=[0, 1, 2], group_size=4)
+  b = data.restrict_classes(pool, classes=[4, 5], group_size=4)
+  merged = data.merge_pools(a, b)
+  np.testing.assert_array_equal(
+      merged.class_ids, np.concatenate([a.class_ids, b.class_ids]))
+  np.testing.assert_array_equal(
+      merged.images, np.concatenate([a.images, b.images]))
+  assert data.merge_pools(a) is a
+  with pytest.raises(ValueError, match="more than one pool"):
+    data.merge_pools(a, a)
+  other = ClassPool(np.zeros((4, 3, 4, 4, 1), np.uint8),
+                    np.arange(900, 904, dtype=np.int32))
+  with pytest.raises(ValueError, match="examples per class"):
+    data.merge_pools(a, other)
+  with pytest.raises(ValueError, match="at least one"):
+    data.merge_pools()
