@@ -20,7 +20,7 @@ import jax
 import optax
 
 from metalearn import learned_optimizers as lo
-from metalearn.experiment import _build, _logging, _run
+from metalearn.experiment import _build, _checkpoint, _logging, _run
 
 log = logging.getLogger("metalearn.experiment")
 
@@ -41,11 +41,14 @@ def validate_lopt_config(config: Mapping[str, Any]) -> dict[str, Any]:
     _build._target(cfg, group)
   _build._one_of(cfg, "outer.estimator", ESTIMATORS)
   for field in ("horizon", "truncation", "num_steps", "steps_per_call",
-                "log_every", "pes_pairs", "tbptt_particles"):
+                "log_every", "pes_pairs", "tbptt_particles",
+                "checkpoint_every", "max_to_keep"):
     _build._int_at_least(cfg, f"outer.{field}", 1)
   _build._multiple_of(cfg, "outer.horizon", "outer.truncation")
   _build._multiple_of(cfg, "outer.log_every", "outer.steps_per_call")
   _build._multiple_of(cfg, "outer.num_steps", "outer.log_every")
+  _build._multiple_of(cfg, "outer.checkpoint_every", "outer.log_every")
+  _build._bool(cfg, "outer.resume")
   for field in ("meta_lr", "sigma", "clip_norm"):
     _build._positive_number(f"outer.{field}",
                             _build._get(cfg, f"outer.{field}"))
@@ -73,6 +76,32 @@ def _estimator(cfg, family, lopt):
   if outer["estimator"] == "pes":
     return lo.pes(unroll, num_pairs=outer["pes_pairs"], sigma=outer["sigma"])
   return lo.truncated_backprop(unroll, num_particles=outer["tbptt_particles"])
+
+
+def _start_state(outer, manager, fresh):
+  """The state to continue from: ``fresh`` unless resuming a checkpoint."""
+  latest = manager.latest_step()
+  if not outer["resume"]:
+    if latest is not None:
+      raise _build.ConfigError(
+          f"outer.resume=false but {manager.directory} already holds "
+          f"checkpoints (latest step {latest}): pass outer.resume=true to "
+          "continue that run, or use a new run directory"
+      )
+    return fresh
+  if latest is None:
+    log.warning("outer.resume=true but %s holds no checkpoint: starting "
+                "from step 0", manager.directory)
+    return fresh
+  try:
+    state = _checkpoint.restore_state(manager, fresh, latest)
+  except ValueError as e:
+    raise _build.ConfigError(
+        f"outer.resume=true: {e} (the learned optimiser, estimator or "
+        "meta-optimiser differ from the checkpointed run's)") from e
+  log.info("resuming from the checkpoint at outer step %d in %s", latest,
+           manager.directory)
+  return state
 
 
 def _plot(summaries: Mapping[str, Mapping[str, Any]], path: pathlib.Path,
@@ -116,7 +145,12 @@ def run_learned_optimizer(
   Writes ``<run_dir>/metrics.jsonl`` (outer metrics every
   ``outer.log_every`` steps), ``curves.png`` (loss against inner step),
   ``results.json``; logs the same to the logger (wandb: metrics, the
-  curves as line plots and the PNG).
+  curves as line plots and the PNG). The outer state (theta, the
+  meta-optimiser's state and the estimator's particles) is checkpointed
+  in ``<run_dir>/checkpoints`` every ``outer.checkpoint_every`` steps and
+  at the end; ``outer.resume=true`` continues from the latest one and
+  ends with the same theta and results as a run never stopped (outer step
+  ``t`` draws from ``fold_in(key, t)``).
 
   Returns:
     ``results``: per optimiser ``final_train``, ``final_held_out``,
@@ -150,18 +184,27 @@ def run_learned_optimizer(
   name = cfg.get("name") or f"lopt_{outer['estimator']}"
   logger = _logging.make_logger(cfg["logger"], run_dir=run_dir, name=name,
                                 config=cfg)
-  metrics_file = _run._MetricsFile(run_dir / "metrics.jsonl", None)
+  manager = _checkpoint.checkpoint_manager(
+      run_dir / "checkpoints", save_every=outer["checkpoint_every"],
+      max_to_keep=outer["max_to_keep"])
   ok = False
   try:
     start = time.perf_counter()
-    state = lo.init_outer_state(lopt, estimator, tx, train_key, family.data)
-    for target in range(outer["log_every"], outer["num_steps"] + 1,
+    state = _start_state(outer, manager, lo.init_outer_state(
+        lopt, estimator, tx, train_key, family.data))
+    first = int(state.step)
+    metrics_file = _run._MetricsFile(run_dir / "metrics.jsonl",
+                                     first if outer["resume"] else None)
+    for target in range(first + outer["log_every"], outer["num_steps"] + 1,
                         outer["log_every"]):
       state, history = lo.outer_train(step, state, key=train_key,
                                       num_steps=target, data=family.data)
       last = {k: v for k, v in history[-1].items() if k != "step"}
       logger.log({f"outer/{k}": v for k, v in last.items()}, target)
       metrics_file.write(target, last)
+      _checkpoint.save_state(manager, state,
+                             force=target == outer["num_steps"])
+    manager.wait_until_finished()
     train_seconds = time.perf_counter() - start
     curves = lo.loss_curves(lopt, num_steps=outer["horizon"])
     tuned, table = lo.tune_learning_rates(
@@ -202,4 +245,5 @@ def run_learned_optimizer(
     ok = True
     return results
   finally:
+    manager.close()
     logger.finish(0 if ok else 1)

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
@@ -74,6 +75,8 @@ def test_meta_trains_compares_and_writes_curves(tmp_path, monkeypatch,
     ("eval.learning_rates=[0.1,-1]",
      "eval.learning_rates[1] must be a number > 0"),
     ("family.batch_size=0", "family.batch_size must be an int >= 1"),
+    ("outer.checkpoint_every=0", "outer.checkpoint_every must be an int >= 1"),
+    ("outer.resume=maybe", "outer.resume"),
 ])
 def test_bad_fields_are_named(override, message):
   with pytest.raises(experiment.ConfigError, match=message.replace(
@@ -96,3 +99,33 @@ def test_command_line_run_equals_an_in_process_run(tmp_path):
   drop = ("train_seconds",)
   assert ({k: v for k, v in cli.items() if k not in drop}
           == {k: v for k, v in here.items() if k not in drop})
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+  # PES: its particles (inner runs carried across truncations) are part of
+  # the checkpointed state.
+  def run(run_dir, *overrides):
+    return _lopt.run_learned_optimizer(
+        _compose("outer.estimator=pes", "outer.checkpoint_every=2",
+                 *overrides), run_dir)
+
+  whole = run(tmp_path / "whole", "outer.num_steps=4")
+  run(tmp_path / "cut", "outer.num_steps=2")  # Stopped after step 2.
+  with pytest.raises(experiment.ConfigError, match="outer.resume=true"):
+    run(tmp_path / "cut", "outer.num_steps=4")  # Would overwrite the run.
+  resumed = run(tmp_path / "cut", "outer.num_steps=4", "outer.resume=true")
+  drop = ("train_seconds",)
+  assert ({k: v for k, v in resumed.items() if k not in drop}
+          == {k: v for k, v in whole.items() if k not in drop})
+  _, a = experiment.load_checkpoint(tmp_path / "whole" / "checkpoints")
+  step, b = experiment.load_checkpoint(tmp_path / "cut" / "checkpoints")
+  assert step == 4
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+  records = [json.loads(line) for line in
+             (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [1, 2, 3, 4]
+  with pytest.raises(experiment.ConfigError, match="do not fit|differ"):
+    run(tmp_path / "cut", "outer.num_steps=6", "outer.resume=true",
+        "learned_optimizer.hidden_sizes=[5]")
