@@ -7,7 +7,10 @@ the script
    ``<out>/<row>`` with checkpoints every ``--checkpoint-every`` meta-steps
    (all kept) and ``trainer.max_time_s=--max-time-s`` (the run stops at the
    first log step after that many seconds, then tests what it has; the
-   table says so). A row whose ``results.json`` exists is not run again;
+   table says so). A row whose ``results.json`` exists is not run again,
+   unless its run was stopped by the time limit and ``--continue-stopped``
+   is given: then it resumes from its last checkpoint for another
+   ``--max-time-s`` (a resumed run ends as an uninterrupted one would);
 2. evaluates ``--curve-points`` of its checkpoints, evenly spaced, on the
    run's fixed test episodes (:func:`metalearn.experiment.evaluate_run`),
    for the curves of test accuracy against meta-steps and wall time;
@@ -67,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--override", action="append", default=[],
                  help="extra hydra override for every run (repeatable), "
                       "e.g. --override trainer.steps_per_call=10")
+  p.add_argument("--continue-stopped", action="store_true",
+                 help="resume rows whose run the time limit stopped, for "
+                      "another --max-time-s")
   p.add_argument("--smoke", action="store_true",
                  help="debug=smoke runs of a few steps, for CI")
   args = p.parse_args(argv)
@@ -89,9 +95,13 @@ def paper_number(row: str) -> str:
 
 
 def train(row: str, run_dir: pathlib.Path, args) -> None:
-  if (run_dir / "results.json").exists():
-    print(f"{row}: results.json exists, not run again", flush=True)
-    return
+  results = run_dir / "results.json"
+  if results.exists():
+    stopped = json.loads(results.read_text()).get("stopped_by_time_limit")
+    if not (stopped and args.continue_stopped):
+      print(f"{row}: results.json exists, not run again", flush=True)
+      return
+    print(f"{row}: continuing the run the time limit stopped", flush=True)
   cmd = [sys.executable, "-m", "metalearn.train", f"experiment={row}",
          "logger=none", f"hydra.run.dir={run_dir}", "trainer.progress=false",
          "trainer.max_to_keep=1000"]

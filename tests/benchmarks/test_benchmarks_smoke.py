@@ -257,6 +257,25 @@ def test_reproduce_regression_rows(bench, tmp_path, monkeypatch):
   assert not (out / "curves.png").exists()  # No classification rows.
 
 
+def test_reproduce_continues_runs_the_time_limit_stopped(bench, tmp_path,
+                                                        monkeypatch):
+  monkeypatch.setenv("WANDB_MODE", "disabled")
+  out = tmp_path / "repro"
+  argv = ["--smoke", "--rows", "sinusoid_maml", "--out", str(out)]
+  mod = bench["reproduce"]
+  assert mod.main([*argv, "--max-time-s", "1e-6"]) == 0
+  first = json.loads((out / "sinusoid_maml" / "results.json").read_text())
+  assert first["stopped_by_time_limit"] and first["steps"] == 1
+  assert mod.main(argv) == 0  # Not run again without the flag.
+  assert json.loads(
+      (out / "sinusoid_maml" / "results.json").read_text()) == first
+  assert mod.main([*argv, "--continue-stopped"]) == 0
+  summary = json.loads((out / "summary.json").read_text())
+  results = summary["rows"][0]["results"]
+  assert results["steps"] == 2 and not results["stopped_by_time_limit"]
+  assert [c["step"] for c in summary["rows"][0]["curve"]] == [1, 2]
+
+
 def test_reproduce_paper_value_and_wall_time(bench):
   mod = bench["reproduce"]
   assert mod.paper_value("98.8% (Snell et al. 2017)", 1) == 98.8
