@@ -80,18 +80,8 @@ def _estimator(cfg, family, lopt):
 
 def _start_state(outer, manager, fresh):
   """The state to continue from: ``fresh`` unless resuming a checkpoint."""
-  latest = manager.latest_step()
-  if not outer["resume"]:
-    if latest is not None:
-      raise _build.ConfigError(
-          f"outer.resume=false but {manager.directory} already holds "
-          f"checkpoints (latest step {latest}): pass outer.resume=true to "
-          "continue that run, or use a new run directory"
-      )
-    return fresh
+  latest = _run._step_to_resume(manager, outer["resume"], "outer.resume")
   if latest is None:
-    log.warning("outer.resume=true but %s holds no checkpoint: starting "
-                "from step 0", manager.directory)
     return fresh
   try:
     state = _checkpoint.restore_state(manager, fresh, latest)

@@ -99,21 +99,33 @@ def _make_callback(cfg, learner, samplers, manager, logger, metrics_file):
   return callback
 
 
-def _start_state(cfg, learner, tx, samplers, manager, key):
-  """The state to continue from (``None`` for a fresh run)."""
-  trainer = cfg["trainer"]
+def _step_to_resume(manager, resume: bool, field: str) -> int | None:
+  """The checkpoint a run continues from, or ``None`` to start afresh.
+
+  Raises:
+    ConfigError: naming ``field`` (``trainer.resume``), if the run would
+      start afresh over existing checkpoints.
+  """
   latest = manager.latest_step()
-  if not trainer["resume"]:
+  if not resume:
     if latest is not None:
       raise _build.ConfigError(
-          f"trainer.resume=false but {manager.directory} already holds "
-          f"checkpoints (latest step {latest}): pass trainer.resume=true to "
+          f"{field}=false but {manager.directory} already holds "
+          f"checkpoints (latest step {latest}): pass {field}=true to "
           "continue that run, or use a new run directory"
       )
     return None
   if latest is None:
-    log.warning("trainer.resume=true but %s holds no checkpoint: starting "
-                "from step 0", manager.directory)
+    log.warning("%s=true but %s holds no checkpoint: starting from step 0",
+                field, manager.directory)
+  return latest
+
+
+def _start_state(cfg, learner, tx, samplers, manager, key):
+  """The state to continue from (``None`` for a fresh run)."""
+  latest = _step_to_resume(manager, cfg["trainer"]["resume"],
+                           "trainer.resume")
+  if latest is None:
     return None
   like = training.init_state(learner, tx, samplers.train, key)
   state = _checkpoint.restore_state(manager, like, latest)

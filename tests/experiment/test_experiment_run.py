@@ -22,7 +22,8 @@ LEARNERS = ("maml", "fomaml", "anil", "metasgd", "reptile", "protonet")
 SINUSOID = (
     "experiment=sinusoid_maml", "logger=none", "trainer.meta_batch_size=4",
     "trainer.log_every=1", "trainer.checkpoint_every=1",
-    "trainer.test_episodes=0", "trainer.progress=false",
+    "trainer.steps_per_call=1", "trainer.test_episodes=0",
+    "trainer.progress=false",
 )
 
 
