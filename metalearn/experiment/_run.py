@@ -171,6 +171,11 @@ def run_experiment(
   """
   cfg = _build.validate_config(config)
   trainer = cfg["trainer"]
+  if trainer["eval_every"] and "val" in cfg["task"].get("train_splits", ()):
+    log.warning(
+        "task.train_splits includes val: the validation metrics every "
+        "trainer.eval_every steps are of classes meta-trained on, not "
+        "held out")
   run_dir = pathlib.Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   samplers = _build.build_samplers(

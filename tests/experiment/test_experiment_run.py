@@ -2,6 +2,7 @@
 a local multirun, checkpoints and the logger adapter."""
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -394,7 +395,8 @@ def test_few_task_setting_restricts_only_the_training_classes(compose_train):
                               experiment.load_splits(cfg["task"]))
 
 
-def test_train_splits_meta_train_on_train_and_val_classes(compose_train):
+def test_train_splits_meta_train_on_train_and_val_classes(compose_train,
+                                                          tmp_path, caplog):
   cfg = experiment.validate_config(
       compose_train("experiment=omniglot_5w1s_protonet"))
   assert list(cfg["task"]["train_splits"]) == ["train", "val"]
@@ -408,6 +410,12 @@ def test_train_splits_meta_train_on_train_and_val_classes(compose_train):
   assert samplers.val.data.class_ids.shape == (688,)
   assert not set(ids.tolist()) & set(
       np.asarray(samplers.test.data.class_ids).tolist())
+  with caplog.at_level(logging.WARNING, logger="metalearn.experiment"):
+    experiment.run_experiment(
+        compose_train("experiment=omniglot_5w1s_protonet", "debug=smoke",
+                      "model.features=8", "trainer.eval_every=1",
+                      "trainer.val_episodes=2"), tmp_path)
+  assert "not held out" in caplog.text
   for bad in (["train", "test"], [], ["train", "train"], "train"):
     cfg["task"]["train_splits"] = bad
     with pytest.raises(experiment.ConfigError, match="task.train_splits"):
