@@ -213,10 +213,10 @@ def table(rows: list[dict], machine: dict) -> str:
 
 
 def plot(rows: list[dict], path: pathlib.Path, metric: str,
-         ylabel: str, scale: float = 1.0) -> bool:
+         ylabel: str, scale: float = 1.0) -> None:
   """Test ``metric`` against meta-steps and wall time, paper dashed.
 
-  Returns False (and writes nothing) when no row has the metric.
+  Writes nothing when no row has the metric.
   """
   import matplotlib
 
@@ -225,7 +225,7 @@ def plot(rows: list[dict], path: pathlib.Path, metric: str,
 
   rows = [r for r in rows if any(metric in c for c in r["curve"])]
   if not rows:
-    return False
+    return
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
   for r in rows:
     pts = [c for c in r["curve"] if metric in c]
@@ -252,7 +252,6 @@ def plot(rows: list[dict], path: pathlib.Path, metric: str,
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
-  return True
 
 
 def main(argv=None) -> int:

@@ -404,8 +404,8 @@ def build_samplers(
   ``["train", "val"]`` as Snell et al.'s final runs, with no held-out
   validation classes left). A few-task setting keeps only
   ``train_classes`` meta-training classes (groups of ``train_class_group``
-  consecutive classes, e.g. 4 for an Omniglot
-  character with its rotations; drawn with ``train_class_seed``;
+  consecutive classes, e.g. 4 for an Omniglot character with its
+  rotations; drawn with ``train_class_seed``;
   :func:`metalearn.data.restrict_classes`). ``paired`` draws meta-training
   tasks in pairs (:func:`metalearn.metalearners.paired_sampler`), for
   learners that combine two tasks (:func:`uses_task_pairs`).

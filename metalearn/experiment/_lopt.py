@@ -78,22 +78,6 @@ def _estimator(cfg, family, lopt):
   return lo.truncated_backprop(unroll, num_particles=outer["tbptt_particles"])
 
 
-def _start_state(outer, manager, fresh):
-  """The state to continue from: ``fresh`` unless resuming a checkpoint."""
-  latest = _run._step_to_resume(manager, outer["resume"], "outer.resume")
-  if latest is None:
-    return fresh
-  try:
-    state = _checkpoint.restore_state(manager, fresh, latest)
-  except ValueError as e:
-    raise _build.ConfigError(
-        f"outer.resume=true: {e} (the learned optimiser, estimator or "
-        "meta-optimiser differ from the checkpointed run's)") from e
-  log.info("resuming from the checkpoint at outer step %d in %s", latest,
-           manager.directory)
-  return state
-
-
 def _plot(summaries: Mapping[str, Mapping[str, Any]], path: pathlib.Path,
           title: str) -> None:
   import matplotlib
@@ -180,8 +164,10 @@ def run_learned_optimizer(
   ok = False
   try:
     start = time.perf_counter()
-    state = _start_state(outer, manager, lo.init_outer_state(
-        lopt, estimator, tx, train_key, family.data))
+    state = lo.init_outer_state(lopt, estimator, tx, train_key, family.data)
+    resumed = _run._resume_state(manager, outer["resume"], "outer.resume",
+                                 lambda: state)
+    state = state if resumed is None else resumed
     first = int(state.step)
     metrics_file = _run._MetricsFile(run_dir / "metrics.jsonl",
                                      first if outer["resume"] else None)

@@ -6,7 +6,7 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -99,12 +99,19 @@ def _make_callback(cfg, learner, samplers, manager, logger, metrics_file):
   return callback
 
 
-def _step_to_resume(manager, resume: bool, field: str) -> int | None:
-  """The checkpoint a run continues from, or ``None`` to start afresh.
+def _resume_state(manager, resume: bool, field: str, like: Callable[[], Any]):
+  """The checkpointed state a run continues from, or ``None`` to start afresh.
+
+  Args:
+    manager: the run's checkpoint directory.
+    resume: the run's ``field`` (``trainer.resume`` or ``outer.resume``).
+    field: the config field, for messages.
+    like: builds a fresh state of the run (structure, shapes and dtypes to
+      restore into); called only when there is a checkpoint to restore.
 
   Raises:
-    ConfigError: naming ``field`` (``trainer.resume``), if the run would
-      start afresh over existing checkpoints.
+    ConfigError: naming ``field``, if the run would start afresh over
+      existing checkpoints, or if the latest checkpoint does not fit ``like``.
   """
   latest = manager.latest_step()
   if not resume:
@@ -118,17 +125,13 @@ def _step_to_resume(manager, resume: bool, field: str) -> int | None:
   if latest is None:
     log.warning("%s=true but %s holds no checkpoint: starting from step 0",
                 field, manager.directory)
-  return latest
-
-
-def _start_state(cfg, learner, tx, samplers, manager, key):
-  """The state to continue from (``None`` for a fresh run)."""
-  latest = _step_to_resume(manager, cfg["trainer"]["resume"],
-                           "trainer.resume")
-  if latest is None:
     return None
-  like = training.init_state(learner, tx, samplers.train, key)
-  state = _checkpoint.restore_state(manager, like, latest)
+  try:
+    state = _checkpoint.restore_state(manager, like(), latest)
+  except ValueError as e:
+    raise _build.ConfigError(
+        f"{field}=true: {e} (the config differs from the checkpointed "
+        "run's)") from e
   log.info("resuming from the checkpoint at step %d in %s", latest,
            manager.directory)
   return state
@@ -192,7 +195,9 @@ def run_experiment(
   )
   logger = None
   try:
-    state = _start_state(cfg, learner, tx, samplers, manager, key)
+    state = _resume_state(
+        manager, trainer["resume"], "trainer.resume",
+        lambda: training.init_state(learner, tx, samplers.train, key))
     _write_json(run_dir / "config.json", cfg)
     logger = _logging.make_logger(
         cfg["logger"], run_dir=run_dir, name=_build.run_name(cfg),
