@@ -127,14 +127,22 @@ def spaced(steps: list[int], count: int) -> list[int]:
   return [steps[i] for i in sorted(set(picks))]
 
 
-def measure_row(row: str, args, out: pathlib.Path) -> dict:
+def measure_row(row: str, args, out: pathlib.Path,
+                trained: set[str] | None = None) -> dict:
+  """Trains ``row``'s run (once per invocation, ``trained`` records it) and
+  evaluates its checkpoints."""
   from metalearn import experiment
 
   source, task = SHARED_TRAINING.get(row, (row, None))
   if source not in args.rows:
     source, task = row, None
   run_dir = out / source
-  train(source, run_dir, args)
+  if trained is None or source not in trained:
+    # Rows sharing a run train it once: a second --continue-stopped call in
+    # the same invocation would extend a run the time limit stopped again.
+    train(source, run_dir, args)
+    if trained is not None:
+      trained.add(source)
   results = json.loads((run_dir / "results.json").read_text())
   episodes = 4 if args.smoke else args.curve_episodes
   steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()
@@ -260,7 +268,8 @@ def main(argv=None) -> int:
   out.mkdir(parents=True, exist_ok=True)
   os.environ.setdefault("WANDB_MODE", "disabled")
   start = time.perf_counter()
-  rows = [measure_row(row, args, out) for row in args.rows]
+  trained: set[str] = set()
+  rows = [measure_row(row, args, out, trained) for row in args.rows]
   machine = _harness.machine_info()
   text = table(rows, machine)
   print("\n" + text)

@@ -276,6 +276,33 @@ def test_reproduce_continues_runs_the_time_limit_stopped(bench, tmp_path,
   assert [c["step"] for c in summary["rows"][0]["curve"]] == [1, 2]
 
 
+def test_reproduce_trains_a_shared_run_once(bench, tmp_path, monkeypatch):
+  # Two rows tested from one run: with --continue-stopped, the second row
+  # must not extend the run the first row just continued.
+  mod = bench["reproduce"]
+  calls = []
+
+  def fake_train(row, run_dir, args):
+    calls.append(row)
+    (run_dir / "checkpoints" / "3").mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(
+        {"steps": 3, "stopped_by_time_limit": True}))
+    (run_dir / "config.json").write_text("{}")
+
+  from metalearn import experiment
+  monkeypatch.setattr(mod, "train", fake_train)
+  monkeypatch.setattr(experiment, "evaluate_run", lambda run_dir, steps, **kw: [
+      {"step": s, "test/outer/accuracy": 0.5} for s in steps])
+  monkeypatch.setattr(experiment, "read_metrics", lambda run_dir: [])
+  args = mod.parse_args(["--rows", "omniglot_5w1s_protonet,"
+                         "omniglot_20w1s_protonet", "--out", str(tmp_path),
+                         "--continue-stopped"])
+  trained = set()
+  rows = [mod.measure_row(r, args, tmp_path, trained) for r in args.rows]
+  assert calls == ["omniglot_5w1s_protonet"]
+  assert [r["trained_in"] for r in rows] == ["omniglot_5w1s_protonet"] * 2
+
+
 def test_reproduce_paper_value_and_wall_time(bench):
   mod = bench["reproduce"]
   assert mod.paper_value("98.8% (Snell et al. 2017)", 1) == 98.8
