@@ -27,7 +27,9 @@ of learn2learn's ``examples/vision/maml_omniglot.py``). Two figures:
   only the model, the inner loops and the update are timed.
 
 tasks/s = meta-batch / the median duration of ``--repeats`` timed steps
-after ``--warmup`` untimed ones. PyTorch runs with ``torch.set_num_threads(
+after ``--warmup`` untimed ones. Memory: each side's peak resident set
+size (``ru_maxrss``) of its own worker process, imports, data and both
+timed modes included. PyTorch runs with ``torch.set_num_threads(
 --torch-threads)`` (default: ``--cores``, 2) and both sides are pinned to
 the same ``--cores`` CPUs; measure on an idle machine, as OpenMP threads
 that wait for a busy core slow PyTorch down several times. With
@@ -50,6 +52,7 @@ import os
 import pathlib
 import platform
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -355,7 +358,13 @@ def run_peer_worker(args) -> dict:
          "torch_threads": torch.get_num_threads(), "device": args.device}
   row["end_to_end"] = _time_mode(args.worker, args, lambda t: sample())
   row["compute_only"] = _time_mode(args.worker, args, lambda t: fixed[t])
+  row["peak_rss_bytes"] = _max_rss_bytes()
   return row
+
+
+def _max_rss_bytes() -> int:
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return rss if sys.platform == "darwin" else rss * 1024  # Linux: KiB.
 
 
 # ------------------------------------------------------- the orchestrator
@@ -425,12 +434,19 @@ def measure(args) -> list[dict]:
           [p[mode]["tasks_per_s"] for p in peer])
     row["metalearn_tasks_per_s"] = (
         _harness.median([m["tasks_per_s"] for m in ours]) if ours else None)
+    for side, runs_ in (("l2l", peer), ("metalearn", ours)):
+      rss = [r["peak_rss_bytes"] for r in runs_ if "peak_rss_bytes" in r]
+      row[f"{side}_peak_rss_bytes"] = _harness.median(rss) if rss else None
     rows.append(row)
   return rows
 
 
 def _ratio(a, b):
   return None if a is None or not b else a / b
+
+
+def _gb(n):
+  return None if n is None else n / 1e9
 
 
 def report(args, machine, rows) -> None:
@@ -444,12 +460,15 @@ def report(args, machine, rows) -> None:
   print(_harness.markdown_table(
       ["learner", "metalearn tasks/s", "learn2learn end-to-end tasks/s",
        "learn2learn compute-only tasks/s", "ratio (vs end-to-end)",
-       "ratio (vs compute-only)"],
+       "ratio (vs compute-only)", "metalearn peak RSS (GB)",
+       "learn2learn peak RSS (GB)"],
       [[LEARNERS[r["learner"]][0], r["metalearn_tasks_per_s"],
         r["l2l_end_to_end_tasks_per_s"], r["l2l_compute_only_tasks_per_s"],
         _ratio(r["metalearn_tasks_per_s"], r["l2l_end_to_end_tasks_per_s"]),
         _ratio(r["metalearn_tasks_per_s"],
-               r["l2l_compute_only_tasks_per_s"])] for r in rows],
+               r["l2l_compute_only_tasks_per_s"]),
+        _gb(r["metalearn_peak_rss_bytes"]), _gb(r["l2l_peak_rss_bytes"])]
+       for r in rows],
   ))
 
 

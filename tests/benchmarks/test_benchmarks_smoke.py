@@ -324,3 +324,28 @@ def test_reproduce_spaced_checkpoints_keep_the_last(bench):
   assert spaced([1, 2, 3], 8) == [1, 2, 3]
   assert spaced(list(range(1, 11)), 4) == [1, 4, 7, 10]
   assert spaced(list(range(1, 11)), 1) == [10]
+
+
+def test_peer_medians_and_memory_columns(bench, monkeypatch, capsys):
+  # The orchestration without the peer's virtualenv: both sides faked.
+  del bench  # Only for the scripts' folder on sys.path.
+  mod = _load("peer_learn2learn")
+  args = mod.parse_args(["--learners", "maml1", "--rounds", "3",
+                         "--with-metalearn"])
+  rss = iter([3e9, 1e9, 2e9])
+  peer_rss = iter([4e9, 6e9, 5e9])
+
+  def peer(_, name):
+    return {"learner": name, "peak_rss_bytes": next(peer_rss),
+            **{m: {"tasks_per_s": 8.0} for m in mod.MODES}}
+
+  monkeypatch.setattr(mod, "spawn_peer", peer)
+  monkeypatch.setattr(mod, "_metalearn_runner", lambda a: lambda name: {
+      "tasks_per_s": 10.0, "peak_rss_bytes": next(rss)})
+  (row,) = mod.measure(args)
+  assert row["metalearn_peak_rss_bytes"] == 2e9
+  assert row["l2l_peak_rss_bytes"] == 5e9
+  assert row["l2l_end_to_end_tasks_per_s"] == 8.0
+  mod.report(args, {"cpu": "x", "cpus": [0], "load_average_1m": 0}, [row])
+  line = capsys.readouterr().out.strip().splitlines()[-1]
+  assert line.startswith("| MAML k=1 | 10") and line.endswith("| 2 | 5 |")
