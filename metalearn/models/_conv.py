@@ -45,8 +45,54 @@ def _geometry(x, w, strides, padding, lhs_dil, rhs_dil):
   return in_hw, k_hw, pads
 
 
+def _kernel_outgrows_input(x, w, strides, lhs_dil, rhs_dil) -> bool:
+  """Whether the (dilated) kernel is larger than the (dilated) input in
+  every spatial dimension, for a stride-1 convolution.
+
+  Second-order terms produce such convolutions (a cotangent the size of an
+  activation map acting as the kernel of a 3x3 output). XLA's algebraic
+  simplifier swaps their operands, which leaves a window reversal and
+  relabelled dimensions that XLA:CPU runs several times slower than a
+  canonical convolution; :func:`_swapped` does the swap canonically.
+  """
+  return all(s == 1 for s in strides) and all(
+      _dilated(w.shape[i], rhs_dil[i]) > _dilated(x.shape[1 + i], lhs_dil[i])
+      for i in range(2)
+  )
+
+
+def _swapped(x, w, padding, lhs_dil, rhs_dil):
+  """A stride-1 convolution computed with its operands' roles exchanged.
+
+  With ``L`` the padded, ``lhs_dil``-dilated input and ``R`` the
+  ``rhs_dil``-dilated kernel, ``out[y] = sum_k L[y + k] R[k]``. Reading
+  ``x`` as the kernel (dilated by ``lhs_dil``) and ``w`` as the input
+  (dilated by ``rhs_dil``) gives the same sums in reverse order of ``y``;
+  the reversal is an explicit flip of the output rather than a window
+  reversal, so the convolution stays canonical.
+  """
+  in_hw, k_hw = x.shape[1:3], w.shape[:2]
+  pads = []
+  for i in range(2):
+    size = (_dilated(in_hw[i], lhs_dil[i]) + padding[i][0] + padding[i][1]
+            - _dilated(k_hw[i], rhs_dil[i]) + 1)
+    pads.append((size - 1 - padding[i][0], size - 1 - padding[i][1]))
+  out = jax.lax.conv_general_dilated(
+      jnp.transpose(w, (3, 0, 1, 2)),  # [O, KH, KW, C]: O as the batch.
+      jnp.transpose(x, (1, 2, 3, 0)),  # [H, W, C, N]: N as the outputs.
+      (1, 1),
+      tuple(pads),
+      lhs_dilation=rhs_dil,
+      rhs_dilation=lhs_dil,
+      dimension_numbers=_DN,
+  )
+  return jnp.transpose(out[:, ::-1, ::-1, :], (3, 1, 2, 0))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, w, strides, padding, lhs_dil, rhs_dil):
+  if _kernel_outgrows_input(x, w, strides, lhs_dil, rhs_dil):
+    return _swapped(x, w, padding, lhs_dil, rhs_dil)
   return jax.lax.conv_general_dilated(
       x,
       w,

@@ -123,3 +123,57 @@ def test_other_layouts_fall_back_to_lax():
   )
   want = jnp.transpose(models.conv2d(x, w, (1, 1), "SAME"), (0, 3, 1, 2))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# Kernels larger than their inputs (the shape of MAML's second-order
+# terms), which conv2d computes with the operands' roles exchanged.
+LARGE_KERNELS = [
+    pytest.param((1, 1), (1, 1), ((4, 4), (3, 5)), id="plain"),
+    pytest.param((1, 1), (2, 1), ((6, 2), (4, 4)), id="rhs-dilated"),
+    pytest.param((2, 1), (1, 1), ((4, 5), (4, 4)), id="lhs-dilated"),
+    pytest.param((2, 2), (1, 2), ((1, 0), (7, 1)), id="both-dilated"),
+]
+
+
+@pytest.mark.parametrize("lhs_dilation,rhs_dilation,padding", LARGE_KERNELS)
+def test_large_kernels_equal_lax_to_second_order(
+    x64, lhs_dilation, rhs_dilation, padding
+):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 3, 2, 2)))
+  w = jnp.asarray(rng.normal(size=(5, 4, 2, 3)))
+
+  def ours(x, w):
+    return models.conv2d(x, w, (1, 1), padding, lhs_dilation, rhs_dilation)
+
+  def reference(x, w):
+    return jax.lax.conv_general_dilated(
+        x, w, (1, 1), padding, lhs_dilation, rhs_dilation,
+        ("NHWC", "HWIO", "NHWC"),
+    )
+
+  got = jax.jit(lambda x, w: _derivatives(ours, x, w))(x, w)
+  want = jax.jit(lambda x, w: _derivatives(reference, x, w))(x, w)
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert g.shape == r.shape
+    np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU only")
+def test_second_order_maml_has_no_reversed_convolutions():
+  # XLA swaps the operands of a convolution whose kernel outgrows its
+  # input, leaving a window reversal that XLA:CPU runs several times slower
+  # (benchmarks/README.md, section 3). conv2d swaps those itself.
+  net = models.conv4(5, features=8, downsample="max_pool")
+  x, y = jnp.ones((5, 28, 28, 1)), jnp.arange(5)
+  params = net.init(jax.random.key(0), x)
+
+  def loss(p):
+    return -jnp.mean(jax.nn.log_softmax(net.apply(p, x))[y, y])
+
+  def outer(p):
+    return loss(jax.tree.map(lambda a, g: a - 0.4 * g, p, jax.grad(loss)(p)))
+
+  hlo = jax.jit(jax.grad(outer)).lower(params).compile().as_text()
+  assert hlo.count(" convolution(") == 42
+  assert "rhs_reversal" not in hlo
