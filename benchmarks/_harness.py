@@ -9,7 +9,9 @@ import json
 import os
 import pathlib
 import platform
+import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -97,3 +99,9 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
   print(f"wrote {out}")
+
+
+def max_rss_bytes() -> int:
+  """Peak resident set size of this process, in bytes."""
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return rss if sys.platform == "darwin" else rss * 1024  # Linux: KiB.

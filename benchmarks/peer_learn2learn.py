@@ -52,7 +52,6 @@ import os
 import pathlib
 import platform
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -358,13 +357,8 @@ def run_peer_worker(args) -> dict:
          "torch_threads": torch.get_num_threads(), "device": args.device}
   row["end_to_end"] = _time_mode(args.worker, args, lambda t: sample())
   row["compute_only"] = _time_mode(args.worker, args, lambda t: fixed[t])
-  row["peak_rss_bytes"] = _max_rss_bytes()
+  row["peak_rss_bytes"] = _harness.max_rss_bytes()
   return row
-
-
-def _max_rss_bytes() -> int:
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return rss if sys.platform == "darwin" else rss * 1024  # Linux: KiB.
 
 
 # ------------------------------------------------------- the orchestrator

@@ -128,7 +128,7 @@ def spaced(steps: list[int], count: int) -> list[int]:
 
 
 def measure_row(row: str, args, out: pathlib.Path,
-                trained: set[str] | None = None) -> dict:
+                trained: set[str]) -> dict:
   """Trains ``row``'s run (once per invocation, ``trained`` records it) and
   evaluates its checkpoints."""
   from metalearn import experiment
@@ -137,12 +137,11 @@ def measure_row(row: str, args, out: pathlib.Path,
   if source not in args.rows:
     source, task = row, None
   run_dir = out / source
-  if trained is None or source not in trained:
+  if source not in trained:
     # Rows sharing a run train it once: a second --continue-stopped call in
     # the same invocation would extend a run the time limit stopped again.
     train(source, run_dir, args)
-    if trained is not None:
-      trained.add(source)
+    trained.add(source)
   results = json.loads((run_dir / "results.json").read_text())
   episodes = 4 if args.smoke else args.curve_episodes
   steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()

@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -134,11 +133,6 @@ def build(name: str):
   return learner, tx
 
 
-def max_rss_bytes() -> int:
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return rss if sys.platform == "darwin" else rss * 1024  # Linux: KiB.
-
-
 def _flops(compiled) -> float:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # Older jax: one dict per device.
@@ -178,7 +172,7 @@ def run_worker(args) -> dict:
       "compile_s": compile_s,
       "step_times_s": times,
       "tasks_per_s": args.batch / _harness.median(times),
-      "peak_rss_bytes": max_rss_bytes(),
+      "peak_rss_bytes": _harness.max_rss_bytes(),
       # Accelerators: the device allocator's high-water mark (None on CPU).
       "device_peak_bytes": (jax.local_devices()[0].memory_stats()
                             or {}).get("peak_bytes_in_use"),
