@@ -153,6 +153,8 @@ def _validate_task(cfg) -> None:
   dataset = _one_of(cfg, "task.dataset", DATASETS)
   for field in ("num_shots", "num_queries", "train_num_queries"):
     _int_at_least(cfg, f"task.{field}", 1)
+  if cfg["task"].get("train_num_shots") is not None:
+    _int_at_least(cfg, "task.train_num_shots", 1)
   if dataset == "sinusoid":
     for field in ("num_ways", "train_num_ways"):
       if cfg["task"].get(field) is not None:
@@ -366,18 +368,20 @@ def _episode_sampler(task, pool, split: str) -> tasks.TaskSampler:
   prefix = "train_" if train else ""
   num_ways = task[f"{prefix}num_ways"]
   num_queries = task[f"{prefix}num_queries"]
+  num_shots = _train_num_shots(task) if train else task["num_shots"]
   try:
     tasks.validate_episode_request(
         num_classes=pool.num_classes,
         examples_per_class=pool.examples_per_class,
         num_ways=num_ways,
-        num_shots=task["num_shots"],
+        num_shots=num_shots,
         num_queries=num_queries,
     )
   except ValueError as e:
     # The library names the argument; name the config field instead.
     field = {"num_ways": f"{prefix}num_ways",
-             "num_queries": f"{prefix}num_queries", "num_shots": "num_shots"}
+             "num_queries": f"{prefix}num_queries",
+             "num_shots": f"{prefix}num_shots"}
     message = re.sub(
         r"\bnum_(ways|shots|queries)\b",
         lambda m: "task." + field[m.group(0)],
@@ -387,9 +391,15 @@ def _episode_sampler(task, pool, split: str) -> tasks.TaskSampler:
         f"{message} ({task['dataset']} {split} split)"
     ) from e
   return tasks.episode_sampler(
-      pool, num_ways=num_ways, num_shots=task["num_shots"],
+      pool, num_ways=num_ways, num_shots=num_shots,
       num_queries=num_queries,
   )
+
+
+def _train_num_shots(task) -> int:
+  """``task.train_num_shots``, else ``task.num_shots``."""
+  shots = task.get("train_num_shots")
+  return task["num_shots"] if shots is None else shots
 
 
 def build_samplers(
@@ -398,8 +408,9 @@ def build_samplers(
 ) -> Samplers:
   """The train/val/test samplers of a validated task config.
 
-  Meta-training uses ``train_num_ways`` and ``train_num_queries``;
-  validation and test use ``num_ways`` and ``num_queries``. Meta-training
+  Meta-training uses ``train_num_ways``, ``train_num_shots`` (default
+  ``num_shots``) and ``train_num_queries``; validation and test use
+  ``num_ways``, ``num_shots`` and ``num_queries``. Meta-training
   draws its classes from the ``train_splits`` (``["train"]`` by default;
   ``["train", "val"]`` as Snell et al.'s final runs, with no held-out
   validation classes left). A few-task setting keeps only
@@ -415,10 +426,10 @@ def build_samplers(
       classes, more shots plus queries than examples per class).
   """
   if task["dataset"] == "sinusoid":
-    def make(num_queries):
+    def make(num_shots, num_queries):
       try:
         return tasks.sinusoid_sampler(
-            num_shots=task["num_shots"],
+            num_shots=num_shots,
             num_queries=num_queries,
             amplitude=tuple(task["amplitude"]),
             phase=tuple(task["phase"]),
@@ -427,8 +438,9 @@ def build_samplers(
       except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"task (sinusoid): {e}") from e
 
-    test = make(task["num_queries"])
-    return Samplers(make(task["train_num_queries"]), test, test)
+    test = make(task["num_shots"], task["num_queries"])
+    return Samplers(
+        make(_train_num_shots(task), task["train_num_queries"]), test, test)
   pools = {split: getattr(splits, split) for split in ("test", "val", "train")}
   pools["train"] = data.merge_pools(
       *(pools[split] for split in task.get("train_splits", ["train"])))

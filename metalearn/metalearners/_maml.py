@@ -4,6 +4,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from metalearn.metalearners._base import MetaLearner, make_learner, task_loss
 from metalearn.models import Model
@@ -262,29 +263,85 @@ def metasgd(
   return make_learner(init, adapt, _evaluate(model))
 
 
+def _reptile_inner(model, params, x, y, tx, num_steps, batch_size, key):
+  """``num_steps`` of ``tx`` on one task, each on the next mini-batch.
+
+  Mini-batches of ``batch_size`` walk through reshuffled passes over the
+  ``n`` examples (Nichol et al.'s sampling without replacement); with
+  ``batch_size`` ``None`` or ``>= n`` every step sees all of them.
+  """
+  n = jax.tree.leaves(x)[0].shape[0]  # x and y may be pytrees (MLTI)
+  state = tx.init(params)
+
+  def loss_fn(p, xb, yb):
+    return task_loss(model.apply(p, xb), yb, prefix="inner/")[0]
+
+  def step(carry, batch):
+    p, state = carry
+    xb, yb = batch
+    grads = jax.grad(loss_fn)(p, xb, yb)
+    updates, state = tx.update(grads, state, p)
+    return (optax.apply_updates(p, updates), state), None
+
+  if batch_size is None or batch_size >= n:
+    def full(carry, _):
+      return step(carry, (x, y))
+    (params, _), _ = jax.lax.scan(full, (params, state), None,
+                                  length=num_steps)
+    return params
+  passes = -(-num_steps * batch_size // n)  # ceil
+  order = jnp.concatenate([jax.random.permutation(k, n)
+                           for k in jax.random.split(key, passes)])
+  idx = order[:num_steps * batch_size].reshape(num_steps, batch_size)
+  take = lambda tree: jax.tree.map(lambda a: a[idx], tree)  # noqa: E731
+  (params, _), _ = jax.lax.scan(step, (params, state), (take(x), take(y)))
+  return params
+
+
 def reptile(
     model: Model,
     inner_lr: float = 0.001,
     num_inner_steps: int = 5,
     *,
+    inner_optimizer: optax.GradientTransformation | None = None,
+    inner_batch_size: int | None = None,
     eval_inner_lr: float | None = None,
     eval_num_inner_steps: int | None = None,
+    eval_inner_batch_size: int | None = None,
 ) -> MetaLearner:
   r"""Reptile: move the initialisation towards the task-adapted weights.
 
   Its meta-gradient estimate for one task is :math:`\theta - \phi`, where
-  :math:`\phi` is the result of ``num_inner_steps`` of SGD on the support
-  set; averaged over tasks and applied with ``optax.sgd(epsilon)`` this is
-  the batched Reptile update :math:`\theta \leftarrow \theta + \epsilon\,
+  :math:`\phi` is the result of ``num_inner_steps`` of the inner optimiser
+  on the support set; averaged over tasks and applied with
+  ``optax.sgd(epsilon)`` this is the batched Reptile update
+  :math:`\theta \leftarrow \theta + \epsilon\,
   \mathrm{mean}_\tau(\phi_\tau - \theta)`. No gradient flows through the
   inner loop.
 
+  Reptile learns from the differences between the inner steps' batches
+  (Nichol et al.'s analysis: the gradient inner product between
+  mini-batches): with every step on the same few examples (full batch on
+  a 1-shot support set) it has little to learn from. Nichol et al. train
+  on 10 examples per class in mini-batches of 10 (``inner_batch_size``,
+  with ``task.train_num_shots: 10``) with Adam of ``b1=0`` as the inner
+  optimiser (``inner_optimizer``).
+
   Args:
     model: the network.
-    inner_lr: inner SGD step size.
+    inner_lr: inner SGD step size (when ``inner_optimizer`` is ``None``).
     num_inner_steps: inner steps during meta-training.
-    eval_inner_lr: step size at meta-test time.
+    inner_optimizer: an optax transformation for the inner loop, fresh
+      state per task, in meta-training and at test; ``None`` is
+      ``optax.sgd(inner_lr)`` (``eval_inner_lr`` at test).
+    inner_batch_size: examples per inner step in meta-training, drawn
+      without replacement (reshuffled each pass); ``None`` uses the whole
+      support set every step.
+    eval_inner_lr: SGD step size at meta-test time (default ``inner_lr``);
+      not with ``inner_optimizer``.
     eval_num_inner_steps: inner steps at meta-test time.
+    eval_inner_batch_size: examples per inner step at meta-test time
+      (default: the whole support set).
 
   Returns:
     A :class:`MetaLearner`; its metrics score the adapted weights on the
@@ -294,19 +351,38 @@ def reptile(
     Nichol, Achiam & Schulman, `On First-Order Meta-Learning Algorithms
     <https://arxiv.org/abs/1803.02999>`_, 2018.
   """
-  base = maml(
-      model,
-      inner_lr,
-      num_inner_steps,
-      first_order=True,
-      eval_inner_lr=eval_inner_lr,
-      eval_num_inner_steps=eval_num_inner_steps,
+  _check(inner_lr, num_inner_steps)
+  eval_num_inner_steps = (
+      num_inner_steps if eval_num_inner_steps is None else eval_num_inner_steps
   )
+  if inner_optimizer is not None and eval_inner_lr is not None:
+    raise ValueError(
+        "eval_inner_lr applies to the inner SGD; with an inner_optimizer, "
+        "test adaptation uses that optimiser (set its step size there)")
+  eval_inner_lr = inner_lr if eval_inner_lr is None else eval_inner_lr
+  _check(eval_inner_lr, eval_num_inner_steps, "eval_inner")
+  for name, size in (("inner_batch_size", inner_batch_size),
+                     ("eval_inner_batch_size", eval_inner_batch_size)):
+    if size is not None and (not isinstance(size, int) or size < 1):
+      raise ValueError(f"{name} must be an int >= 1 or None, got {size!r}")
+  train_tx = inner_optimizer or optax.sgd(inner_lr)
+  eval_tx = inner_optimizer or optax.sgd(eval_inner_lr)
+
+  def adapt(meta_params, episode: Episode, key, training: bool = True):
+    batch_size = inner_batch_size if training else eval_inner_batch_size
+    if batch_size is not None and key is None:
+      raise ValueError("mini-batched inner steps need a key to shuffle by")
+    return _reptile_inner(
+        model, meta_params, episode.support_x, episode.support_y,
+        train_tx if training else eval_tx,
+        num_inner_steps if training else eval_num_inner_steps,
+        batch_size, key)
 
   def meta_grad(meta_params, episode: Episode, key):
-    adapted = jax.lax.stop_gradient(base.adapt(meta_params, episode, key))
-    _, metrics = base.evaluate(meta_params, adapted, episode)
+    adapted = jax.lax.stop_gradient(adapt(meta_params, episode, key))
+    _, metrics = evaluate(meta_params, adapted, episode)
     grads = jax.tree.map(jnp.subtract, meta_params, adapted)
     return grads, metrics
 
-  return base._replace(meta_grad=meta_grad)
+  evaluate = _evaluate(model)
+  return make_learner(_init(model), adapt, evaluate, meta_grad)

@@ -48,6 +48,8 @@ SINUSOID = ("experiment=sinusoid_maml", "debug=smoke")
         (("task.split_scheme=lake",),
          "task.split_scheme: unknown Omniglot split scheme 'lake'"),
         (("task.num_shots=0",), "task.num_shots must be an int >= 1, got 0"),
+        (("task.train_num_shots=0",),
+         "task.train_num_shots must be an int >= 1, got 0"),
         (("trainer.task_map=pmap",),
          "trainer.task_map='pmap' is not one of auto, vmap, scan"),
         (("trainer.num_steps=0",), "trainer.num_steps must be an int >= 1"),
@@ -142,6 +144,10 @@ def tiny_mini_imagenet(tmp_path):
           "task.num_queries=2", "task.train_num_ways=4"),
          "task.train_num_ways=4 exceeds the 3 classes in the pool "
          "(mini_imagenet train split)"),
+        (("learner=reptile", "task.num_ways=3", "task.num_queries=2",
+          "task.train_num_shots=7"),
+         "task.train_num_shots + task.train_num_queries = 7 + 2 exceeds the "
+         "8 examples per class in the pool (mini_imagenet train split)"),
     ],
 )
 def test_episode_too_large_for_dataset(

@@ -395,6 +395,25 @@ def test_few_task_setting_restricts_only_the_training_classes(compose_train):
                               experiment.load_splits(cfg["task"]))
 
 
+def test_train_num_shots_shapes_only_the_meta_training_episodes(compose_train):
+  cfg = experiment.validate_config(
+      compose_train("experiment=omniglot_5w1s_reptile"))
+  assert cfg["task"]["train_num_shots"] == 15  # Nichol et al.'s train shots.
+  samplers = experiment.build_samplers(
+      cfg["task"], experiment.load_splits(cfg["task"]))
+  train = samplers.train.sample(jax.random.key(0), samplers.train.data)
+  test = samplers.test.sample(jax.random.key(0), samplers.test.data)
+  assert train.support_x.shape[0] == 5 * 15 and train.query_x.shape[0] == 5
+  np.testing.assert_array_equal(np.bincount(train.support_y), [15] * 5)
+  assert test.support_x.shape[0] == 5 and test.query_x.shape[0] == 5 * 15
+  # Without the field (configs of earlier releases), training uses num_shots.
+  del cfg["task"]["train_num_shots"]
+  samplers = experiment.build_samplers(
+      cfg["task"], experiment.load_splits(cfg["task"]))
+  train = samplers.train.sample(jax.random.key(0), samplers.train.data)
+  assert train.support_x.shape[0] == 5
+
+
 def test_train_splits_meta_train_on_train_and_val_classes(compose_train,
                                                           tmp_path, caplog):
   cfg = experiment.validate_config(

@@ -242,6 +242,82 @@ def test_reptile_meta_grad_is_mean_displacement(x64, task_map):
   )
 
 
+@pytest.mark.parametrize("num_steps,visits", [
+    (3, [1] * 12),  # one pass of 3 batches of 4 over 12 examples
+    (6, [2] * 12),  # two passes
+    (5, [1] * 4 + [2] * 8),  # a pass and two batches of the next
+])
+def test_reptile_mini_batches_visit_each_example_once_per_pass(
+    x64, num_steps, visits):
+  # One-hot inputs: a step moves only the weights of its batch's examples,
+  # each by the same map f(w) = w - lr * 2 / b * (w + 1) (targets -1), so
+  # the weights count the visits.
+  n, b, lr = 12, 4, 0.1
+  ep = Episode(jnp.eye(n), -jnp.ones((n, 1)), jnp.eye(n), -jnp.ones((n, 1)))
+  learner = metalearners.reptile(_linear_model(), lr, num_steps,
+                                 inner_batch_size=b)
+  w0 = {"head": {"kernel": jnp.zeros((n, 1))}}
+  w = np.sort(_kernel(learner.adapt(w0, ep, jax.random.key(3)))[:, 0])
+
+  def f(w, k):
+    for _ in range(k):
+      w = w - lr * 2 / b * (w + 1)
+    return w
+
+  np.testing.assert_allclose(w, np.sort([f(0.0, k) for k in visits]),
+                             rtol=1e-12)
+  # The order comes from the key: same key, same result; another, another.
+  ep = _as_jax(_regression_episode(0, num_shots=12))
+  params = learner.init(jax.random.key(0), ep)
+  a, b_, c = (_kernel(learner.adapt(params, ep, jax.random.key(k)))
+              for k in (1, 1, 2))
+  np.testing.assert_array_equal(a, b_)
+  assert not np.allclose(a, c)
+
+
+def test_reptile_inner_adam_matches_numpy(x64):
+  lr, b2, eps, num_steps = 0.01, 0.999, 1e-8, 4
+  ep = _regression_episode(2)
+  learner = metalearners.reptile(
+      _linear_model(), 0.5, num_steps,
+      inner_optimizer=optax.adam(lr, b1=0.0, b2=b2, eps=eps))
+  params = learner.init(jax.random.key(0), _as_jax(ep))
+  grads, _ = learner.meta_grad(params, _as_jax(ep), jax.random.key(1))
+  w = _kernel(params)
+  ref, v = w.copy(), np.zeros_like(w)
+  for t in range(1, num_steps + 1):  # Adam with b1 = 0: m is the gradient.
+    g = _grad(ref, ep.support_x, ep.support_y)
+    v = b2 * v + (1 - b2) * g**2
+    ref = ref - lr * g / (np.sqrt(v / (1 - b2**t)) + eps)
+  np.testing.assert_allclose(_kernel(grads), w - ref, rtol=1e-10)
+  # The same optimiser adapts at test time, for eval_num_inner_steps.
+  test = metalearners.reptile(
+      _linear_model(), 0.5, 2, eval_num_inner_steps=num_steps,
+      inner_optimizer=optax.adam(lr, b1=0.0, b2=b2, eps=eps))
+  np.testing.assert_allclose(
+      _kernel(test.adapt(params, _as_jax(ep), None, training=False)), ref,
+      rtol=1e-10)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"inner_batch_size": 0}, "inner_batch_size must be an int >= 1"),
+    ({"eval_inner_batch_size": 2.5}, "eval_inner_batch_size must be an int"),
+    ({"inner_optimizer": optax.sgd(0.1), "eval_inner_lr": 0.2},
+     "eval_inner_lr applies to the inner SGD"),
+])
+def test_reptile_rejects_bad_arguments(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    metalearners.reptile(_linear_model(), 0.1, 2, **kwargs)
+
+
+def test_reptile_mini_batches_need_a_key():
+  learner = metalearners.reptile(_linear_model(), 0.1, 2, inner_batch_size=2)
+  ep = _as_jax(_regression_episode(0))
+  params = learner.init(jax.random.key(0), ep)
+  with pytest.raises(ValueError, match="need a key"):
+    learner.adapt(params, ep, None)
+
+
 @pytest.mark.parametrize("num_steps", [1, 2])
 def test_metasgd_with_uniform_rates_is_maml(x64, num_steps):
   lr = 0.1
