@@ -289,6 +289,8 @@ def _reptile_inner(model, params, x, y, tx, num_steps, batch_size, key):
     (params, _), _ = jax.lax.scan(full, (params, state), None,
                                   length=num_steps)
     return params
+  if key is None:
+    raise ValueError("mini-batched inner steps need a key to shuffle by")
   passes = -(-num_steps * batch_size // n)  # ceil
   order = jnp.concatenate([jax.random.permutation(k, n)
                            for k in jax.random.split(key, passes)])
@@ -365,13 +367,12 @@ def reptile(
                      ("eval_inner_batch_size", eval_inner_batch_size)):
     if size is not None and (not isinstance(size, int) or size < 1):
       raise ValueError(f"{name} must be an int >= 1 or None, got {size!r}")
-  train_tx = inner_optimizer or optax.sgd(inner_lr)
-  eval_tx = inner_optimizer or optax.sgd(eval_inner_lr)
+  train_tx, eval_tx = (
+      (optax.sgd(inner_lr), optax.sgd(eval_inner_lr))
+      if inner_optimizer is None else (inner_optimizer, inner_optimizer))
 
   def adapt(meta_params, episode: Episode, key, training: bool = True):
     batch_size = inner_batch_size if training else eval_inner_batch_size
-    if batch_size is not None and key is None:
-      raise ValueError("mini-batched inner steps need a key to shuffle by")
     return _reptile_inner(
         model, meta_params, episode.support_x, episode.support_y,
         train_tx if training else eval_tx,

@@ -316,6 +316,12 @@ def test_reptile_mini_batches_need_a_key():
   params = learner.init(jax.random.key(0), ep)
   with pytest.raises(ValueError, match="need a key"):
     learner.adapt(params, ep, None)
+  # A batch as large as the support set is the whole set: no key needed.
+  whole = metalearners.reptile(_linear_model(), 0.1, 2, inner_batch_size=5)
+  np.testing.assert_array_equal(
+      _kernel(whole.adapt(params, ep, None)),
+      _kernel(metalearners.reptile(_linear_model(), 0.1, 2).adapt(
+          params, ep, None)))
 
 
 @pytest.mark.parametrize("num_steps", [1, 2])
