@@ -324,10 +324,12 @@ def reptile(
   Reptile learns from the differences between the inner steps' batches
   (Nichol et al.'s analysis: the gradient inner product between
   mini-batches): with every step on the same few examples (full batch on
-  a 1-shot support set) it has little to learn from. Nichol et al. train
-  on 10 examples per class in mini-batches of 10 (``inner_batch_size``,
-  with ``task.train_num_shots: 10``) with Adam of ``b1=0`` as the inner
-  optimiser (``inner_optimizer``).
+  a 1-shot support set) it has little to learn from. Nichol et al.
+  meta-train on more examples per class than the test shots
+  (``task.train_num_shots``, 9-15 in their commands), in mini-batches
+  (``inner_batch_size``), with Adam of ``b1=0`` as the inner optimiser
+  (``inner_optimizer``); ``configs/experiment/*_reptile.yaml`` take each
+  of their commands' values.
 
   Args:
     model: the network.
@@ -371,6 +373,8 @@ def reptile(
       (optax.sgd(inner_lr), optax.sgd(eval_inner_lr))
       if inner_optimizer is None else (inner_optimizer, inner_optimizer))
 
+  evaluate = _evaluate(model)
+
   def adapt(meta_params, episode: Episode, key, training: bool = True):
     batch_size = inner_batch_size if training else eval_inner_batch_size
     return _reptile_inner(
@@ -385,5 +389,4 @@ def reptile(
     grads = jax.tree.map(jnp.subtract, meta_params, adapted)
     return grads, metrics
 
-  evaluate = _evaluate(model)
   return make_learner(_init(model), adapt, evaluate, meta_grad)
