@@ -311,6 +311,13 @@ def test_reproduce_paper_value_and_wall_time(bench):
   assert [mod.paper_value(mse, k) for k in (5, 10, 20, 7)] == [
       1.13, 0.85, 0.71, None]
   assert mod.paper_value("n/a", 1) is None
+  assert mod.paper_value("none (Raghu et al. 2020 report 20-way only)",
+                         1) is None
+  # Every experiment's header gives an accuracy in [0, 100], an MSE, or
+  # nothing: never a year or a way count read as the paper's figure.
+  for path in sorted(mod.EXPERIMENTS.glob("*.yaml")):
+    value = mod.paper_value(mod.paper_number(path.stem), 5)
+    assert value is None or 0 < value <= 100, (path.name, value)
   # A resumed run: results.json times the last process, metrics.jsonl all.
   row = {"results": {"train_seconds": 5.0},
          "metrics": [{"step": 10, "wall_s": 100.0}, {"step": 20,
