@@ -9,6 +9,7 @@ from metalearn.metalearners._base import (
 )
 from metalearn.metalearners._maml import (
     MetaSGDParams,
+    ReptileParams,
     anil,
     inner_sgd,
     maml,
@@ -36,6 +37,7 @@ __all__ = (
     "MetaSGDParams",
     "MixedInputs",
     "MixedLabels",
+    "ReptileParams",
     "anil",
     "cutmix",
     "default_meta_grad",

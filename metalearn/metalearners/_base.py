@@ -28,7 +28,15 @@ class MetaLearner(NamedTuple):
       for one task. The default differentiates ``evaluate(adapt(...))``;
       estimators such as Reptile's supply their own.
 
-  All four are traced once per shape and run under ``jit`` and ``vmap``.
+    carried: ``None``, or ``carried(meta_params) -> tree of bools`` (the
+      structure of ``meta_params``) marking the leaves that are state
+      carried from one meta-step to the next rather than learned, such as
+      Reptile's inner optimiser state with ``carry_inner_state=True``. For
+      those leaves ``meta_grad`` returns ``old - new`` for its task, and the
+      meta-step sets them to the tasks' mean new value whatever the
+      meta-optimizer (:func:`metalearn.training.outer_optimizer`).
+
+  All are traced once per shape and run under ``jit`` and ``vmap``.
   The trainer (:func:`metalearn.training.make_meta_step`) maps ``meta_grad``
   over the tasks of a batch and never needs to know the algorithm.
   """
@@ -37,6 +45,7 @@ class MetaLearner(NamedTuple):
   adapt: Callable[..., PyTree]
   evaluate: Callable[[PyTree, PyTree, Episode], tuple[jax.Array, Metrics]]
   meta_grad: Callable[[PyTree, Episode, jax.Array], tuple[PyTree, Metrics]]
+  carried: Callable[[PyTree], PyTree] | None = None
 
 
 def default_meta_grad(adapt, evaluate):
@@ -61,7 +70,8 @@ def default_meta_grad(adapt, evaluate):
   return meta_grad
 
 
-def make_learner(init, adapt, evaluate, meta_grad=None) -> MetaLearner:
+def make_learner(init, adapt, evaluate, meta_grad=None,
+                 carried=None) -> MetaLearner:
   """Assembles a :class:`MetaLearner`, filling in the default ``meta_grad``.
 
   Examples:
@@ -81,7 +91,7 @@ def make_learner(init, adapt, evaluate, meta_grad=None) -> MetaLearner:
   """
   if meta_grad is None:
     meta_grad = default_meta_grad(adapt, evaluate)
-  return MetaLearner(init, adapt, evaluate, meta_grad)
+  return MetaLearner(init, adapt, evaluate, meta_grad, carried)
 
 
 class MixedLabels(NamedTuple):

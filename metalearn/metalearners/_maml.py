@@ -13,6 +13,15 @@ from metalearn.types import Episode
 PyTree = Any
 
 
+class ReptileParams(NamedTuple):
+  """Reptile's meta-state with ``carry_inner_state=True``: the initialisation
+  (learned) and the inner optimiser's state (carried between tasks and
+  meta-steps, not learned)."""
+
+  model: PyTree
+  inner_state: PyTree
+
+
 class MetaSGDParams(NamedTuple):
   """Meta-SGD's meta-parameters: an initialisation and a learning rate per
   parameter, both meta-learned."""
@@ -263,15 +272,19 @@ def metasgd(
   return make_learner(init, adapt, _evaluate(model))
 
 
-def _reptile_inner(model, params, x, y, tx, num_steps, batch_size, key):
+def _reptile_inner(model, params, state, x, y, tx, num_steps, batch_size,
+                   key):
   """``num_steps`` of ``tx`` on one task, each on the next mini-batch.
 
-  Mini-batches of ``batch_size`` walk through reshuffled passes over the
-  ``n`` examples (Nichol et al.'s sampling without replacement); with
-  ``batch_size`` ``None`` or ``>= n`` every step sees all of them.
+  Starts from the optimiser state ``state`` (``None``: a fresh one) and
+  returns the adapted parameters and the final state. Mini-batches of
+  ``batch_size`` walk through reshuffled passes over the ``n`` examples
+  (Nichol et al.'s sampling without replacement); with ``batch_size``
+  ``None`` or ``>= n`` every step sees all of them.
   """
   n = jax.tree.leaves(x)[0].shape[0]  # x and y may be pytrees (MLTI)
-  state = tx.init(params)
+  if state is None:
+    state = tx.init(params)
 
   def loss_fn(p, xb, yb):
     return task_loss(model.apply(p, xb), yb, prefix="inner/")[0]
@@ -286,9 +299,9 @@ def _reptile_inner(model, params, x, y, tx, num_steps, batch_size, key):
   if batch_size is None or batch_size >= n:
     def full(carry, _):
       return step(carry, (x, y))
-    (params, _), _ = jax.lax.scan(full, (params, state), None,
-                                  length=num_steps)
-    return params
+    (params, state), _ = jax.lax.scan(full, (params, state), None,
+                                      length=num_steps)
+    return params, state
   if key is None:
     raise ValueError("mini-batched inner steps need a key to shuffle by")
   passes = -(-num_steps * batch_size // n)  # ceil
@@ -296,8 +309,9 @@ def _reptile_inner(model, params, x, y, tx, num_steps, batch_size, key):
                            for k in jax.random.split(key, passes)])
   idx = order[:num_steps * batch_size].reshape(num_steps, batch_size)
   take = lambda tree: jax.tree.map(lambda a: a[idx], tree)  # noqa: E731
-  (params, _), _ = jax.lax.scan(step, (params, state), (take(x), take(y)))
-  return params
+  (params, state), _ = jax.lax.scan(step, (params, state),
+                                    (take(x), take(y)))
+  return params, state
 
 
 def reptile(
@@ -310,6 +324,7 @@ def reptile(
     eval_inner_lr: float | None = None,
     eval_num_inner_steps: int | None = None,
     eval_inner_batch_size: int | None = None,
+    carry_inner_state: bool = False,
 ) -> MetaLearner:
   r"""Reptile: move the initialisation towards the task-adapted weights.
 
@@ -335,9 +350,10 @@ def reptile(
     model: the network.
     inner_lr: inner SGD step size (when ``inner_optimizer`` is ``None``).
     num_inner_steps: inner steps during meta-training.
-    inner_optimizer: an optax transformation for the inner loop, fresh
-      state per task, in meta-training and at test; ``None`` is
-      ``optax.sgd(inner_lr)`` (``eval_inner_lr`` at test).
+    inner_optimizer: an optax transformation for the inner loop, in
+      meta-training and at test, with a fresh state per task unless
+      ``carry_inner_state``; ``None`` is ``optax.sgd(inner_lr)``
+      (``eval_inner_lr`` at test).
     inner_batch_size: examples per inner step in meta-training, drawn
       without replacement (reshuffled each pass); ``None`` uses the whole
       support set every step.
@@ -346,6 +362,14 @@ def reptile(
     eval_num_inner_steps: inner steps at meta-test time.
     eval_inner_batch_size: examples per inner step at meta-test time
       (default: the whole support set).
+    carry_inner_state: keep one ``inner_optimizer`` state across tasks and
+      meta-steps instead of a fresh one per task, as Nichol et al.'s code
+      does (its Adam moments persist through meta-training and into the
+      test). The meta-parameters become :class:`ReptileParams`; every task
+      of a meta-batch starts from the carried state and the meta-step
+      sets it to the tasks' mean final state (:attr:`MetaLearner.carried`),
+      the batched form of their one-task-after-another loop. Meta-test
+      adaptation starts from it and leaves it unchanged.
 
   Returns:
     A :class:`MetaLearner`; its metrics score the adapted weights on the
@@ -369,24 +393,53 @@ def reptile(
                      ("eval_inner_batch_size", eval_inner_batch_size)):
     if size is not None and (not isinstance(size, int) or size < 1):
       raise ValueError(f"{name} must be an int >= 1 or None, got {size!r}")
+  if carry_inner_state and inner_optimizer is None:
+    raise ValueError(
+        "carry_inner_state needs an inner_optimizer with state (plain SGD "
+        "has none to carry), e.g. optax.adam(1e-3, b1=0.0)")
   train_tx, eval_tx = (
       (optax.sgd(inner_lr), optax.sgd(eval_inner_lr))
       if inner_optimizer is None else (inner_optimizer, inner_optimizer))
 
   evaluate = _evaluate(model)
 
-  def adapt(meta_params, episode: Episode, key, training: bool = True):
-    batch_size = inner_batch_size if training else eval_inner_batch_size
+  def init(key, episode: Episode):
+    params = model.init(key, episode.support_x)
+    if not carry_inner_state:
+      return params
+    return ReptileParams(params, train_tx.init(params))
+
+  def split(meta_params):
+    if carry_inner_state:
+      return meta_params.model, meta_params.inner_state
+    return meta_params, None
+
+  def inner(meta_params, episode: Episode, key, training: bool):
+    params, state = split(meta_params)
     return _reptile_inner(
-        model, meta_params, episode.support_x, episode.support_y,
+        model, params, state, episode.support_x, episode.support_y,
         train_tx if training else eval_tx,
         num_inner_steps if training else eval_num_inner_steps,
-        batch_size, key)
+        inner_batch_size if training else eval_inner_batch_size, key)
+
+  def adapt(meta_params, episode: Episode, key, training: bool = True):
+    return inner(meta_params, episode, key, training)[0]
 
   def meta_grad(meta_params, episode: Episode, key):
-    adapted = jax.lax.stop_gradient(adapt(meta_params, episode, key))
+    adapted, state = jax.lax.stop_gradient(
+        inner(meta_params, episode, key, True))
     _, metrics = evaluate(meta_params, adapted, episode)
-    grads = jax.tree.map(jnp.subtract, meta_params, adapted)
+    params, old_state = split(meta_params)
+    grads = jax.tree.map(jnp.subtract, params, adapted)
+    if carry_inner_state:  # old - new: the meta-step sets the mean new state
+      grads = ReptileParams(grads,
+                            jax.tree.map(jnp.subtract, old_state, state))
     return grads, metrics
 
-  return make_learner(_init(model), adapt, evaluate, meta_grad)
+  def carried(meta_params):
+    return ReptileParams(jax.tree.map(lambda _: False, meta_params.model),
+                         jax.tree.map(lambda _: True,
+                                      meta_params.inner_state))
+
+  return make_learner(init, adapt, evaluate, meta_grad,
+                      carried if carry_inner_state else None)

@@ -448,7 +448,7 @@ def mlti(
     )
     return base.meta_grad(meta_params, mixed, base_key)
 
-  return MetaLearner(init, base.adapt, base.evaluate, meta_grad)
+  return MetaLearner(init, base.adapt, base.evaluate, meta_grad, base.carried)
 
 
 def _check_mlti(mix, prob, alpha, beta, mix_layers, fixed_lambda):

@@ -11,6 +11,7 @@ from metalearn.models._conv import conv2d
 from metalearn.models._layers import BatchNorm, max_pool_2x2
 
 _DOWNSAMPLE = ("max_pool", "stride")
+_READOUT = ("mean", "flatten")
 Stage = Callable[[dict, jax.Array], jax.Array]
 
 
@@ -38,9 +39,13 @@ def _readout(pool: Callable[[jax.Array], jax.Array],
   return stage
 
 
-def _conv4_pool(x: jax.Array, downsample: str) -> jax.Array:
-  """Conv-4's features: averaged over space (stride) or flattened."""
-  if downsample == "stride":
+def _conv4_pool(x: jax.Array, downsample: str,
+                readout: str | None = None) -> jax.Array:
+  """Conv-4's features: averaged over space or flattened (by default
+  averaged after stride-2 convolutions, flattened after max-pooling)."""
+  if readout is None:
+    readout = "mean" if downsample == "stride" else "flatten"
+  if readout == "mean":
     return x.mean(axis=(-3, -2))
   return x.reshape(*x.shape[:-3], -1)
 
@@ -82,17 +87,21 @@ class Conv4(nn.Module):
     downsample: ``"max_pool"`` (2x2 max-pooling after each block; features
       are flattened) or ``"stride"`` (stride-2 convolutions; features are
       averaged over space), the variant Finn et al. use on Omniglot.
+    readout: ``None`` (as ``downsample`` says), ``"mean"`` (average the last
+      map over space) or ``"flatten"`` (Nichol et al.'s Reptile network:
+      stride-2 convolutions, the last 2x2 map flattened).
   """
 
   num_outputs: int | None
   features: int = 64
   downsample: str = "max_pool"
+  readout: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(4):
       x = ConvBlock(self.features, self.downsample, name=f"block{i}")(x)
-    x = _conv4_pool(x, self.downsample)
+    x = _conv4_pool(x, self.downsample, self.readout)
     if self.num_outputs is not None:
       x = nn.Dense(self.num_outputs, name="head")(x)
     return x
@@ -103,6 +112,7 @@ def conv4(
     *,
     features: int = 64,
     downsample: str = "max_pool",
+    readout: str | None = None,
 ) -> Model:
   """Conv-4 as a pure :class:`Model`.
 
@@ -115,6 +125,9 @@ def conv4(
     num_outputs: classes of the linear head, or ``None`` for an embedding.
     features: filters per block.
     downsample: ``"max_pool"`` or ``"stride"``.
+    readout: how the last feature map becomes a vector: ``"mean"`` over
+      space or ``"flatten"``; ``None`` averages after ``"stride"`` and
+      flattens after ``"max_pool"``.
 
   Returns:
     The model; params are ``{"block0".."block3", "head"}``. Its
@@ -135,15 +148,18 @@ def conv4(
     raise ValueError(
         f"downsample must be one of {_DOWNSAMPLE}, got {downsample!r}"
     )
+  if readout is not None and readout not in _READOUT:
+    raise ValueError(
+        f"readout must be None or one of {_READOUT}, got {readout!r}")
   if num_outputs is not None and num_outputs < 1:
     raise ValueError(f"num_outputs must be >= 1 or None, got {num_outputs}")
   blocks = [
       _stage(ConvBlock(features, downsample), f"block{i}") for i in range(4)
   ]
-  readout = _readout(lambda x: _conv4_pool(x, downsample), num_outputs)
-  return from_flax(Conv4(num_outputs, features, downsample))._replace(
-      layers=(*blocks, readout)
-  )
+  last = _readout(lambda x: _conv4_pool(x, downsample, readout),
+                  num_outputs)
+  return from_flax(Conv4(num_outputs, features, downsample,
+                         readout))._replace(layers=(*blocks, last))
 
 
 class MLP(nn.Module):

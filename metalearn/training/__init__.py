@@ -20,6 +20,7 @@ from metalearn.training._step import (
     init_state,
     make_meta_step,
     map_tasks,
+    outer_optimizer,
 )
 
 __all__ = (
@@ -35,6 +36,7 @@ __all__ = (
     "map_devices",
     "map_tasks",
     "meta_train",
+    "outer_optimizer",
     "replicate",
     "shard_tasks",
     "task_mesh",

@@ -30,6 +30,28 @@ class MetaTrainState(NamedTuple):
   opt_state: PyTree
 
 
+def outer_optimizer(
+    learner: MetaLearner, meta_optimizer: optax.GradientTransformation
+) -> optax.GradientTransformation:
+  """The meta-update as the meta-step applies it.
+
+  ``meta_optimizer`` on the learned leaves; the leaves ``learner.carried``
+  marks (state carried between meta-steps, such as Reptile's inner
+  optimiser state) get ``optax.sgd(1.0)`` on their mean ``old - new``,
+  which sets them to the tasks' mean new value. A learner without carried
+  state gets ``meta_optimizer`` itself.
+  """
+  if learner.carried is None:
+    return meta_optimizer
+
+  def labels(meta_params):
+    return jax.tree.map(lambda c: "carried" if c else "learned",
+                        learner.carried(meta_params))
+
+  return optax.multi_transform(
+      {"learned": meta_optimizer, "carried": optax.sgd(1.0)}, labels)
+
+
 def init_state(
     learner: MetaLearner,
     meta_optimizer: optax.GradientTransformation,
@@ -44,8 +66,9 @@ def init_state(
   shapes = jax.eval_shape(sampler.sample, jax.random.key(0), sampler.data)
   example = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   meta_params = learner.init(key, example)
+  tx = outer_optimizer(learner, meta_optimizer)
   return MetaTrainState(
-      jnp.zeros((), jnp.int32), meta_params, meta_optimizer.init(meta_params)
+      jnp.zeros((), jnp.int32), meta_params, tx.init(meta_params)
   )
 
 
@@ -168,6 +191,7 @@ def make_meta_step(
     raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call!r}")
   if mesh is not None:
     _sharding.check_divisible(meta_batch_size, mesh, "meta_batch_size")
+  meta_optimizer = outer_optimizer(learner, meta_optimizer)
 
   def one_step(state: MetaTrainState, data, key):
     step_key = jax.random.fold_in(key, state.step)

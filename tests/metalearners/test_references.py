@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from metalearn import metalearners, models, tasks, training
-from metalearn.metalearners import MetaSGDParams
+from metalearn.metalearners import MetaSGDParams, ReptileParams
 from metalearn.types import Episode
 
 DIM = 3
@@ -299,7 +299,85 @@ def test_reptile_inner_adam_matches_numpy(x64):
       rtol=1e-10)
 
 
+def _adam_b1_0(w, v, t, x, y, lr, b2, eps, num_steps):
+  """Adam with b1 = 0 from the state (v, t), in NumPy."""
+  for _ in range(num_steps):
+    t += 1
+    g = _grad(w, x, y)
+    v = b2 * v + (1 - b2) * g**2
+    w = w - lr * g / (np.sqrt(v / (1 - b2**t)) + eps)
+  return w, v, t
+
+
+@pytest.mark.parametrize("task_map", ["vmap", "scan"])
+def test_reptile_carried_adam_state_matches_numpy(x64, task_map):
+  # Every task of a meta-batch starts from the carried state; the meta-step
+  # moves the weights by epsilon towards the mean adapted weights and sets
+  # the state to the mean final state, as in NumPy below.
+  lr, b2, eps, num_steps, epsilon = 0.01, 0.9, 1e-8, 3, 0.5
+  learner = metalearners.reptile(
+      _linear_model(), 0.5, num_steps, eval_num_inner_steps=2,
+      inner_optimizer=optax.adam(lr, b1=0.0, b2=b2, eps=eps),
+      carry_inner_state=True)
+  batches = [[_regression_episode(10 * s + i) for i in range(3)]
+             for s in range(2)]
+  params = learner.init(jax.random.key(0), _as_jax(batches[0][0]))
+  assert isinstance(params, ReptileParams)
+  tx = training.outer_optimizer(learner, optax.sgd(epsilon))
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def meta_step(params, opt_state, batch, keys):
+    grads, _ = training.map_tasks(
+        lambda e, k: learner.meta_grad(params, e, k), batch, keys, task_map)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  w, v, t = _kernel(params.model), np.zeros((DIM, 1)), 0
+  for eps_s in batches:
+    batch = _as_jax(jax.tree.map(lambda *xs: np.stack(xs), *eps_s))
+    params, opt_state = meta_step(params, opt_state, batch,
+                                  jax.random.split(jax.random.key(1), 3))
+    finals = [_adam_b1_0(w, v, t, e.support_x, e.support_y, lr, b2, eps,
+                         num_steps) for e in eps_s]
+    w = w + epsilon * (np.mean([f[0] for f in finals], 0) - w)
+    v, t = np.mean([f[1] for f in finals], 0), t + num_steps
+    adam = params.inner_state[0]
+    np.testing.assert_allclose(_kernel(params.model), w, rtol=1e-10)
+    np.testing.assert_allclose(adam.nu["head"]["kernel"], v, rtol=1e-10)
+    assert adam.count.dtype == jnp.int32 and int(adam.count) == t
+  # Meta-test adaptation starts from the carried state too.
+  ep = _regression_episode(99)
+  np.testing.assert_allclose(
+      _kernel(learner.adapt(params, _as_jax(ep), None, training=False)),
+      _adam_b1_0(w, v, t, ep.support_x, ep.support_y, lr, b2, eps, 2)[0],
+      rtol=1e-10)
+
+
+def test_reptile_carried_state_through_the_trainer():
+  # make_meta_step and init_state apply training.outer_optimizer: the state
+  # advances by the inner steps each meta-step, whatever the meta-optimizer.
+  num_steps = 3
+  learner = metalearners.reptile(
+      models.mlp(), num_inner_steps=num_steps, inner_batch_size=5,
+      inner_optimizer=optax.adam(1e-3, b1=0.0), carry_inner_state=True)
+  sampler = tasks.sinusoid_sampler(num_shots=10, num_queries=5)
+  tx = optax.adam(0.1)  # an outer optimizer that would mangle the state
+  state = training.init_state(learner, tx, sampler, jax.random.key(0))
+  step = training.make_meta_step(learner, tx, sampler, meta_batch_size=4)
+  nu0 = jax.tree.map(np.asarray, state.meta_params.inner_state[0].nu)
+  for i in range(1, 3):
+    state, metrics = step(state, sampler.data, jax.random.key(1))
+    assert int(state.meta_params.inner_state[0].count) == i * num_steps
+    assert np.isfinite(float(metrics["outer/loss"]))
+  nu = state.meta_params.inner_state[0].nu
+  assert all(float(jnp.min(a)) >= 0 for a in jax.tree.leaves(nu))
+  assert not all(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(nu), jax.tree.leaves(nu0), strict=True))
+
+
 @pytest.mark.parametrize("kwargs,message", [
+    ({"carry_inner_state": True}, "carry_inner_state needs an inner_opt"),
     ({"inner_batch_size": 0}, "inner_batch_size must be an int >= 1"),
     ({"eval_inner_batch_size": 2.5}, "eval_inner_batch_size must be an int"),
     ({"inner_optimizer": optax.sgd(0.1), "eval_inner_lr": 0.2},

@@ -46,9 +46,26 @@ def test_conv4_max_pool_variant_flattens_800_features_on_84px():
   assert jax.eval_shape(model.apply, shapes, x).shape == (2, 5)
 
 
+def test_conv4_stride_with_flattened_readout():
+  """Nichol et al.'s Reptile network: the last 2x2x8 map flattened, 32
+  features; its layers compose to apply."""
+  x = _normal((3, 28, 28, 1))
+  model = models.conv4(5, features=8, downsample="stride", readout="flatten")
+  params = model.init(jax.random.key(0), x)
+  assert params["head"]["kernel"].shape == (32, 5)
+  h = x
+  for layer in model.layers:
+    h = layer(params, h)
+  np.testing.assert_allclose(h, model.apply(params, x), rtol=1e-6)
+  mean = models.conv4(5, features=8, downsample="stride", readout="mean")
+  assert mean.init(jax.random.key(0), x)["head"]["kernel"].shape == (8, 5)
+
+
 def test_conv4_rejects_bad_arguments():
   with pytest.raises(ValueError, match="downsample"):
     models.conv4(5, downsample="avg_pool")
+  with pytest.raises(ValueError, match="readout"):
+    models.conv4(5, readout="max")
   with pytest.raises(ValueError, match="num_outputs"):
     models.conv4(0)
 
