@@ -63,21 +63,33 @@ def test_smoke_run_of_every_learner(compose_train, tmp_path, learner):
   assert _finished_steps(tmp_path / "checkpoints") == [1, 2]
 
 
+# Reptile with its Adam state carried in the meta-parameters (an int count
+# among them), which a resume must restore exactly too.
+CARRIED = (
+    "learner=reptile", "learner.carry_inner_state=true",
+    "learner.inner_batch_size=3", "learner.num_inner_steps=2",
+    "learner.eval_num_inner_steps=2",
+    "learner.inner_optimizer={_target_: optax.adam, learning_rate: 0.01,"
+    " b1: 0.0}",
+)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("extra", [(), CARRIED], ids=["maml", "carried"])
 def test_resume_in_process_matches_an_uninterrupted_run(
-    compose_train, tmp_path, caplog
+    compose_train, tmp_path, caplog, extra
 ):
   full, parts = tmp_path / "full", tmp_path / "parts"
   keep = "trainer.max_to_keep=10"
   experiment.run_experiment(
-      compose_train(*SINUSOID, keep, "trainer.num_steps=6"), full
+      compose_train(*SINUSOID, *extra, keep, "trainer.num_steps=6"), full
   )
   experiment.run_experiment(
-      compose_train(*SINUSOID, keep, "trainer.num_steps=3"), parts
+      compose_train(*SINUSOID, *extra, keep, "trainer.num_steps=3"), parts
   )
   with caplog.at_level("INFO", logger="metalearn.experiment"):
     results = experiment.run_experiment(
-        compose_train(*SINUSOID, keep, "trainer.num_steps=6",
+        compose_train(*SINUSOID, *extra, keep, "trainer.num_steps=6",
                       "trainer.resume=true"),
         parts,
     )
@@ -90,6 +102,10 @@ def test_resume_in_process_matches_an_uninterrupted_run(
   # Training did continue after the resume.
   _, middle = experiment.load_checkpoint(parts / "checkpoints", step=3)
   assert not _leaves_equal(middle["meta_params"], b["meta_params"])
+  if extra:  # the carried Adam state advanced 2 inner steps per meta-step
+    counts = [x for x in jax.tree.leaves(b["meta_params"])
+              if np.issubdtype(np.asarray(x).dtype, np.integer)]
+    assert [int(c) for c in counts] == [12]
   with pytest.raises(FileNotFoundError, match="no checkpoint of step 7"):
     experiment.load_checkpoint(parts / "checkpoints", step=7)
 
