@@ -14,7 +14,7 @@ Metrics = dict[str, jax.Array]
 
 
 class MetaLearner(NamedTuple):
-  """A meta-learning algorithm as four pure functions.
+  """A meta-learning algorithm as four pure functions (and an optional fifth).
 
   Attributes:
     init: ``init(key, example_episode) -> meta_params``. Only the shapes of

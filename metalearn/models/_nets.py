@@ -45,6 +45,9 @@ def _conv4_pool(x: jax.Array, downsample: str,
   averaged after stride-2 convolutions, flattened after max-pooling)."""
   if readout is None:
     readout = "mean" if downsample == "stride" else "flatten"
+  if readout not in _READOUT:
+    raise ValueError(
+        f"readout must be None or one of {_READOUT}, got {readout!r}")
   if readout == "mean":
     return x.mean(axis=(-3, -2))
   return x.reshape(*x.shape[:-3], -1)

@@ -22,7 +22,9 @@ class MetaTrainState(NamedTuple):
   Attributes:
     step: the number of meta-steps taken (int32 scalar).
     meta_params: the meta-learner's parameters.
-    opt_state: the meta-optimizer's state.
+    opt_state: the state of :func:`outer_optimizer` of the learner and
+      the meta-optimizer (the meta-optimizer's own unless the learner
+      carries state).
   """
 
   step: jax.Array
@@ -39,7 +41,9 @@ def outer_optimizer(
   marks (state carried between meta-steps, such as Reptile's inner
   optimiser state) get ``optax.sgd(1.0)`` on their mean ``old - new``,
   which sets them to the tasks' mean new value. A learner without carried
-  state gets ``meta_optimizer`` itself.
+  state gets ``meta_optimizer`` itself. Integer leaves (an optimiser's step
+  count) come back exact only when every task moves them by the same
+  amount, as every inner loop of a fixed length does.
   """
   if learner.carried is None:
     return meta_optimizer

@@ -364,11 +364,12 @@ def test_reptile_carried_state_through_the_trainer():
   sampler = tasks.sinusoid_sampler(num_shots=10, num_queries=5)
   tx = optax.adam(0.1)  # an outer optimizer that would mangle the state
   state = training.init_state(learner, tx, sampler, jax.random.key(0))
-  step = training.make_meta_step(learner, tx, sampler, meta_batch_size=4)
+  step = training.make_meta_step(learner, tx, sampler, meta_batch_size=4,
+                                 steps_per_call=2)
   nu0 = jax.tree.map(np.asarray, state.meta_params.inner_state[0].nu)
   for i in range(1, 3):
     state, metrics = step(state, sampler.data, jax.random.key(1))
-    assert int(state.meta_params.inner_state[0].count) == i * num_steps
+    assert int(state.meta_params.inner_state[0].count) == 2 * i * num_steps
     assert np.isfinite(float(metrics["outer/loss"]))
   nu = state.meta_params.inner_state[0].nu
   assert all(float(jnp.min(a)) >= 0 for a in jax.tree.leaves(nu))

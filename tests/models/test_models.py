@@ -66,6 +66,9 @@ def test_conv4_rejects_bad_arguments():
     models.conv4(5, downsample="avg_pool")
   with pytest.raises(ValueError, match="readout"):
     models.conv4(5, readout="max")
+  with pytest.raises(ValueError, match="readout"):  # the module itself too
+    models.Conv4(5, readout="max").init(jax.random.key(0),
+                                        jnp.zeros((1, 28, 28, 1)))
   with pytest.raises(ValueError, match="num_outputs"):
     models.conv4(0)
 
