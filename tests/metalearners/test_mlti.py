@@ -249,6 +249,11 @@ CASES = {
     "reptile": (functools.partial(metalearners.reptile, inner_lr=0.1),
                 lambda: models.mlp(NUM_WAYS, hidden=(8,)),
                 _vector_sampler, {}),
+    "reptile_carried": (
+        functools.partial(metalearners.reptile, num_inner_steps=2,
+                          inner_optimizer=optax.adam(0.01, b1=0.0),
+                          carry_inner_state=True),
+        lambda: models.mlp(NUM_WAYS, hidden=(8,)), _vector_sampler, {}),
     "protonet_features": (metalearners.protonet,
                           lambda: models.mlp(4, hidden=(8,)),
                           _vector_sampler, {}),
@@ -273,6 +278,12 @@ def test_lambda_one_reproduces_the_wrapped_learner(name):
   episode = sampler.sample(jax.random.key(0), sampler.data)
   params = always.init(jax.random.key(1), episode)
   chex.assert_trees_all_equal(params, base.init(jax.random.key(1), episode))
+  # Carried state (Reptile's inner optimiser state) passes through.
+  assert (always.carried is None) == (base.carried is None)
+  if base.carried is not None:
+    assert jax.tree.leaves(always.carried(params)) == jax.tree.leaves(
+        base.carried(params))
+    assert any(jax.tree.leaves(base.carried(params)))
   key = jax.random.key(2)
 
   @jax.jit
