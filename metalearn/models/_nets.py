@@ -39,15 +39,19 @@ def _readout(pool: Callable[[jax.Array], jax.Array],
   return stage
 
 
+def _check_readout(readout: str | None) -> None:
+  if readout is not None and readout not in _READOUT:
+    raise ValueError(
+        f"readout must be None or one of {_READOUT}, got {readout!r}")
+
+
 def _conv4_pool(x: jax.Array, downsample: str,
                 readout: str | None = None) -> jax.Array:
   """Conv-4's features: averaged over space or flattened (by default
   averaged after stride-2 convolutions, flattened after max-pooling)."""
   if readout is None:
     readout = "mean" if downsample == "stride" else "flatten"
-  if readout not in _READOUT:
-    raise ValueError(
-        f"readout must be None or one of {_READOUT}, got {readout!r}")
+  _check_readout(readout)
   if readout == "mean":
     return x.mean(axis=(-3, -2))
   return x.reshape(*x.shape[:-3], -1)
@@ -151,9 +155,7 @@ def conv4(
     raise ValueError(
         f"downsample must be one of {_DOWNSAMPLE}, got {downsample!r}"
     )
-  if readout is not None and readout not in _READOUT:
-    raise ValueError(
-        f"readout must be None or one of {_READOUT}, got {readout!r}")
+  _check_readout(readout)
   if num_outputs is not None and num_outputs < 1:
     raise ValueError(f"num_outputs must be >= 1 or None, got {num_outputs}")
   blocks = [
