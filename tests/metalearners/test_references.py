@@ -309,11 +309,14 @@ def _adam_b1_0(w, v, t, x, y, lr, b2, eps, num_steps):
   return w, v, t
 
 
+@pytest.mark.parametrize("clip", [None, 0.02], ids=["sgd", "clipped"])
 @pytest.mark.parametrize("task_map", ["vmap", "scan"])
-def test_reptile_carried_adam_state_matches_numpy(x64, task_map):
+def test_reptile_carried_adam_state_matches_numpy(x64, task_map, clip):
   # Every task of a meta-batch starts from the carried state; the meta-step
   # moves the weights by epsilon towards the mean adapted weights and sets
-  # the state to the mean final state, as in NumPy below.
+  # the state to the mean final state, as in NumPy below. A clipping
+  # meta-optimizer clips the weights' meta-gradient by its own norm: the
+  # carried state neither counts in that norm nor is clipped.
   lr, b2, eps, num_steps, epsilon = 0.01, 0.9, 1e-8, 3, 0.5
   learner = metalearners.reptile(
       _linear_model(), 0.5, num_steps, eval_num_inner_steps=2,
@@ -323,8 +326,12 @@ def test_reptile_carried_adam_state_matches_numpy(x64, task_map):
              for s in range(2)]
   params = learner.init(jax.random.key(0), _as_jax(batches[0][0]))
   assert isinstance(params, ReptileParams)
-  tx = training.outer_optimizer(learner, optax.sgd(epsilon))
+  meta_tx = optax.sgd(epsilon)
+  if clip is not None:
+    meta_tx = optax.chain(optax.clip_by_global_norm(clip), meta_tx)
+  tx = training.outer_optimizer(learner, meta_tx)
   opt_state = tx.init(params)
+  clipped = 0
 
   @jax.jit
   def meta_step(params, opt_state, batch, keys):
@@ -340,12 +347,16 @@ def test_reptile_carried_adam_state_matches_numpy(x64, task_map):
                                   jax.random.split(jax.random.key(1), 3))
     finals = [_adam_b1_0(w, v, t, e.support_x, e.support_y, lr, b2, eps,
                          num_steps) for e in eps_s]
-    w = w + epsilon * (np.mean([f[0] for f in finals], 0) - w)
+    g = w - np.mean([f[0] for f in finals], 0)
+    if clip is not None and np.linalg.norm(g) > clip:
+      g, clipped = g * clip / np.linalg.norm(g), clipped + 1
+    w = w - epsilon * g
     v, t = np.mean([f[1] for f in finals], 0), t + num_steps
     adam = params.inner_state[0]
     np.testing.assert_allclose(_kernel(params.model), w, rtol=1e-10)
     np.testing.assert_allclose(adam.nu["head"]["kernel"], v, rtol=1e-10)
     assert adam.count.dtype == jnp.int32 and int(adam.count) == t
+  assert clipped == (0 if clip is None else len(batches))  # the clip bit
   # Meta-test adaptation starts from the carried state too.
   ep = _regression_episode(99)
   np.testing.assert_allclose(

@@ -107,6 +107,38 @@ def check_step(sampler, mesh):
   }
 
 
+def check_carried(sampler, mesh):
+  """Reptile's carried Adam state under a clipping meta-optimizer, 2 steps."""
+  learner = metalearners.reptile(
+      models.conv4(5, features=8), num_inner_steps=2,
+      inner_optimizer=optax.adam(1e-3, b1=0.0), carry_inner_state=True)
+  tx = optax.chain(optax.clip_by_global_norm(0.1), optax.adam(1e-3))
+  state = training.init_state(learner, tx, sampler, jax.random.key(0))
+  copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731 (state is donated)
+  out = {}
+  for name, kwargs in (("single", {}), ("sharded", {"mesh": mesh})):
+    step = training.make_meta_step(learner, tx, sampler,
+                                   meta_batch_size=META_BATCH, **kwargs)
+    s, data = copy(state), sampler.data
+    if kwargs:
+      s, data = training.replicate((s, data), mesh)
+    for i in range(2):
+      s, _ = step(s, data, jax.random.key(1 + i))
+    out[name] = s
+  single, sharded = out["single"].meta_params, out["sharded"].meta_params
+  return {
+      "model_diff": _max_diff(single.model, sharded.model),
+      "model_change": _max_diff(state.meta_params.model, single.model),
+      "nu_diff": _max_diff(single.inner_state[0].nu,
+                           sharded.inner_state[0].nu),
+      "nu_change": _max_diff(state.meta_params.inner_state[0].nu,
+                             single.inner_state[0].nu),
+      "count": [int(single.inner_state[0].count),
+                int(sharded.inner_state[0].count)],
+      "state": _sharding_report(out["sharded"], mesh),
+  }
+
+
 def check_eval(sampler, mesh):
   """MAML evaluation (adaptation included) with and without the mesh."""
   learner = metalearners.maml(
@@ -180,6 +212,7 @@ def main():
       "shard_tasks": lambda: check_shard_tasks(mesh),
       "meta_train": lambda: check_meta_train(sampler, mesh),
       "step": lambda: check_step(sampler, mesh),
+      "carried": lambda: check_carried(sampler, mesh),
       "eval": lambda: check_eval(sampler, mesh),
   }
   for name, check in checks.items():

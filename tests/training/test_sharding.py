@@ -68,6 +68,16 @@ class TestEightDevices:
     assert r["param_diff"] <= 1e-5 * max(1.0, r["param_change"])
     assert r["metric_diff"] <= 1e-5
 
+  def test_reptile_carried_state_matches_single_device(self, report):
+    # The carried Adam state is averaged over the tasks on all devices, as
+    # the gradients are; the clipping meta-optimizer leaves it alone.
+    r = report["carried"]
+    assert r["model_change"] > 1e-4 and r["nu_change"] > 0
+    assert r["model_diff"] <= 1e-5 * max(1.0, r["model_change"])
+    assert r["nu_diff"] <= 1e-5 * r["nu_change"]
+    assert r["count"] == [4, 4]  # 2 inner steps x 2 meta-steps, exact
+    assert r["state"] == {"replicated": True, "on_mesh_devices": True}
+
   def test_step_outputs_replicated_on_the_mesh(self, report):
     r = report["step"]
     assert r["state"] == {"replicated": True, "on_mesh_devices": True}
