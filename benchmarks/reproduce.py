@@ -25,6 +25,11 @@ episodes. ``omniglot_20w1s_protonet`` trains exactly as
 ``omniglot_5w1s_protonet`` (same config but the test episodes), so when
 both are asked for, the 20-way row tests the 5-way row's checkpoints.
 
+``--test-task FIELD=VALUE`` tests every row (its final checkpoint and the
+curve points) on episodes of another shape without retraining, e.g.
+``--test-task num_queries=1`` for Nichol et al.'s one query per class; the
+table names the change beside the row.
+
 Usage (see benchmarks/README.md, section 5):
   METALEARN_DATA_DIR=../shared/data python benchmarks/reproduce.py \\
       --rows omniglot_5w1s_protonet,omniglot_20w1s_protonet \\
@@ -67,6 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "the last is always one)")
   p.add_argument("--curve-episodes", type=int, default=600,
                  help="test episodes per curve point")
+  p.add_argument("--test-task", action="append", default=[],
+                 metavar="FIELD=VALUE",
+                 help="test every row on episodes with this task field "
+                      "changed (repeatable), e.g. --test-task num_queries=1 "
+                      "for a paper's test shape; training is unchanged")
   p.add_argument("--override", action="append", default=[],
                  help="extra hydra override for every run (repeatable), "
                       "e.g. --override trainer.steps_per_call=10")
@@ -84,6 +94,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error("--max-time-s must be > 0")
   if args.curve_points < 1 or args.curve_episodes < 1:
     p.error("--curve-points and --curve-episodes must be >= 1")
+  test_task = {}
+  for item in args.test_task:
+    field, sep, value = item.partition("=")
+    if not (sep and field and value):
+      p.error(f"--test-task: expected FIELD=VALUE, got {item!r}")
+    try:
+      test_task[field] = json.loads(value)
+    except json.JSONDecodeError:
+      test_task[field] = value  # A string, such as a split name.
+  args.test_task = test_task
   return args
 
 
@@ -136,6 +156,7 @@ def measure_row(row: str, args, out: pathlib.Path,
   source, task = SHARED_TRAINING.get(row, (row, None))
   if source not in args.rows:
     source, task = row, None
+  task = {**(task or {}), **args.test_task} or None
   run_dir = out / source
   if source not in trained:
     # Rows sharing a run train it once: a second --continue-stopped call in
@@ -149,7 +170,7 @@ def measure_row(row: str, args, out: pathlib.Path,
   curve = experiment.evaluate_run(
       run_dir, steps=spaced(steps, args.curve_points), task=task,
       num_episodes=episodes, progress=True)
-  if task:  # The shared run's final checkpoint on this row's episodes.
+  if task:  # The final checkpoint on this row's test episodes.
     final = curve[-1]  # spaced() keeps the last checkpoint: the final step.
     assert final["step"] == results["steps"], (final["step"], results)
     results = {**{k: v for k, v in results.items()
@@ -158,6 +179,7 @@ def measure_row(row: str, args, out: pathlib.Path,
   config = json.loads((run_dir / "config.json").read_text())
   return {
       "row": row, "trained_in": source, "test_task_override": task,
+      "test_task": args.test_task,
       "paper": paper_number(row), "results": results, "curve": curve,
       "metrics": experiment.read_metrics(run_dir),
       "config": config,
@@ -205,7 +227,11 @@ def table(rows: list[dict], machine: dict) -> str:
     steps = f"{res['steps']} of {res['num_steps']}"
     if res.get("stopped_by_time_limit"):
       steps += " (time limit)"
-    cells.append([r["row"], r["paper"], ours, res["seed"], steps,
+    name = r["row"]
+    if r.get("test_task"):  # --test-task: say the test's shape.
+      name += " (test: " + ", ".join(
+          f"{k}={v}" for k, v in r["test_task"].items()) + ")"
+    cells.append([name, r["paper"], ours, res["seed"], steps,
                   f"{train_wall_s(r) / 60:.1f}",
                   res.get("test/num_episodes")])
   return "\n".join([

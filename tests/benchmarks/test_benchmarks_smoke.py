@@ -303,6 +303,52 @@ def test_reproduce_trains_a_shared_run_once(bench, tmp_path, monkeypatch):
   assert [r["trained_in"] for r in rows] == ["omniglot_5w1s_protonet"] * 2
 
 
+def test_reproduce_test_task_changes_only_the_test(bench, tmp_path,
+                                                  monkeypatch):
+  # --test-task re-tests the final checkpoint on episodes of another shape:
+  # the row's results are that test's, merged with a shared run's own
+  # change (the 20-way ProtoNet row), and the table names the change.
+  mod = bench["reproduce"]
+  seen = []
+
+  def fake_train(row, run_dir, args):
+    (run_dir / "checkpoints" / "3").mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(
+        {"steps": 3, "num_steps": 3, "seed": 0, "train_seconds": 60.0,
+         "test/num_episodes": 600,
+         "test/outer/accuracy": 0.9, "test/outer/accuracy_ci95": 0.01}))
+    (run_dir / "config.json").write_text("{}")
+
+  def fake_evaluate(run_dir, steps, task=None, **kw):
+    seen.append(task)
+    return [{"step": s, "test/outer/accuracy": 0.5,
+             "test/outer/accuracy_ci95": 0.02, "test/num_episodes": 6000}
+            for s in steps]
+
+  from metalearn import experiment
+  monkeypatch.setattr(mod, "train", fake_train)
+  monkeypatch.setattr(experiment, "evaluate_run", fake_evaluate)
+  monkeypatch.setattr(experiment, "read_metrics", lambda run_dir: [])
+  args = mod.parse_args(["--rows", "omniglot_5w1s_protonet,"
+                         "omniglot_20w1s_protonet", "--out", str(tmp_path),
+                         "--test-task", "num_queries=1",
+                         "--test-task", "split=val"])
+  assert args.test_task == {"num_queries": 1, "split": "val"}
+  rows = [mod.measure_row(r, args, tmp_path, set()) for r in args.rows]
+  assert seen == [{"num_queries": 1, "split": "val"},
+                  {"num_ways": 20, "num_queries": 1, "split": "val"}]
+  for r in rows:
+    assert r["results"]["test/outer/accuracy"] == 0.5
+    assert r["results"]["steps"] == 3
+  text = mod.table(rows, {"cpu": "x", "cpu_count": 1, "device": "cpu",
+                          "backend": "cpu", "jax": "0"})
+  assert "| omniglot_5w1s_protonet (test: num_queries=1, split=val) |" in text
+  assert "| 50.00 ± 2.00 |" in text
+  for bad in ("num_queries", "=1", "num_queries="):
+    with pytest.raises(SystemExit):
+      mod.parse_args(["--rows", "sinusoid_maml", "--test-task", bad])
+
+
 def test_reproduce_paper_value_and_wall_time(bench):
   mod = bench["reproduce"]
   assert mod.paper_value("98.8% (Snell et al. 2017)", 1) == 98.8
