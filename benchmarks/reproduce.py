@@ -213,6 +213,14 @@ def paper_value(paper: str, num_shots: int | None) -> float | None:
   return float(numbers[0]) if numbers else None
 
 
+def row_label(row: dict) -> str:
+  """The row's name, with the test's shape when --test-task changed it."""
+  if not row.get("test_task"):
+    return row["row"]
+  return row["row"] + " (test: " + ", ".join(
+      f"{k}={v}" for k, v in row["test_task"].items()) + ")"
+
+
 def table(rows: list[dict], machine: dict) -> str:
   cells = []
   for r in rows:
@@ -227,11 +235,7 @@ def table(rows: list[dict], machine: dict) -> str:
     steps = f"{res['steps']} of {res['num_steps']}"
     if res.get("stopped_by_time_limit"):
       steps += " (time limit)"
-    name = r["row"]
-    if r.get("test_task"):  # --test-task: say the test's shape.
-      name += " (test: " + ", ".join(
-          f"{k}={v}" for k, v in r["test_task"].items()) + ")"
-    cells.append([name, r["paper"], ours, res["seed"], steps,
+    cells.append([row_label(r), r["paper"], ours, res["seed"], steps,
                   f"{train_wall_s(r) / 60:.1f}",
                   res.get("test/num_episodes")])
   return "\n".join([
@@ -270,7 +274,7 @@ def plot(rows: list[dict], path: pathlib.Path, metric: str,
     for ax, xs in ((axes[0], [c["step"] for c in pts]),
                    (axes[1], [(c["wall_s"] or float("nan")) / 60
                               for c in pts])):
-      line, = ax.plot(xs, val, marker="o", label=r["row"])
+      line, = ax.plot(xs, val, marker="o", label=row_label(r))
       ax.fill_between(xs, [a - c for a, c in zip(val, ci, strict=True)],
                       [a + c for a, c in zip(val, ci, strict=True)],
                       alpha=0.2, color=line.get_color())
