@@ -48,10 +48,10 @@ def meta_train(
 ) -> tuple[MetaTrainState, list[dict[str, float]]]:
   """Meta-trains a learner for ``num_steps`` meta-steps.
 
-  All randomness comes from ``key``: parameters are initialised from
-  ``fold_in(key, 0)`` and step ``t`` samples from ``fold_in(step_key, t)``,
-  so continuing from a saved ``state`` reproduces an uninterrupted run
-  exactly.
+  All randomness comes from ``key``, split into ``init_key, step_key =
+  jax.random.split(key)``: parameters are initialised from ``init_key`` and
+  step ``t`` samples from ``fold_in(step_key, t)``, so continuing from a
+  saved ``state`` reproduces an uninterrupted run exactly.
 
   Args:
     learner: any :class:`MetaLearner`.
