@@ -60,6 +60,20 @@ def file_digest(path: pathlib.Path, algorithm: str = "sha256") -> str:
   return h.hexdigest()
 
 
+def files_tag(root: pathlib.Path, files: list[pathlib.Path]) -> str:
+  """A short hash of ``root`` and the size and mtime of each of ``files``.
+
+  Names a cache of what was read from ``files``, so that a file replaced or
+  edited in place (a new size or modification time) gives a new name.
+  """
+  h = hashlib.sha1(str(root.resolve()).encode())
+  for path in files:
+    st = path.stat()
+    name = pathlib.Path(os.path.relpath(path, root)).as_posix()
+    h.update(f"|{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+  return h.hexdigest()[:10]
+
+
 def verify_digest(path: pathlib.Path, expected: str, algorithm: str) -> None:
   """Raises ``ValueError`` if ``path`` does not have the expected digest."""
   actual = file_digest(path, algorithm)

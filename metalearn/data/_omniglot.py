@@ -203,16 +203,44 @@ def split_names(scheme: str) -> dict[str, list[str]]:
   return json.loads(text)[scheme]
 
 
+def _source_files(root: pathlib.Path) -> list[pathlib.Path]:
+  """The files :func:`read_all` would read from ``root``, in order."""
+  files = []
+  found = 0
+  for s in SETS:
+    npz = root / f"omniglot_{s}.npz"
+    folder = root / f"images_{s}"
+    zipped = root / f"images_{s}.zip"
+    if npz.exists():
+      files.append(npz)
+    elif folder.is_dir():
+      files.extend(sorted(folder.rglob("*.png")))
+    elif zipped.exists():
+      files.append(zipped)
+    else:
+      continue
+    found += 1
+  if found < len(SETS):
+    tfds = root.parent / "tensorflow_datasets" / "omniglot"
+    files.extend(sorted(p for p in tfds.rglob("*") if p.is_file()))
+  return files
+
+
 def _resized_characters(
     root: pathlib.Path,
     image_size: int,
     cache_dir: pathlib.Path | None,
     verify: bool,
 ) -> OmniglotCharacters:
-  """All characters resized to ``image_size``, through an npz cache."""
+  """All characters resized to ``image_size``, through an npz cache.
+
+  The cache's name depends on the resolved root and on the size and
+  modification time of every source file, so replacing a file invalidates
+  it.
+  """
   cache = None
   if cache_dir is not None:
-    tag = _common.hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:10]
+    tag = _common.files_tag(root, _source_files(root))
     cache = cache_dir / f"omniglot_{image_size}px_{tag}.npz"
     if cache.exists():
       with np.load(cache, allow_pickle=False) as d:

@@ -6,6 +6,7 @@ per session.
 """
 
 import io
+import os
 import pathlib
 import re
 import shutil
@@ -371,6 +372,40 @@ def test_concurrent_cache_writers_do_not_collide(tmp_path, monkeypatch):
   left = [p.name for p in (tmp_path / "cache").iterdir()]
   assert len(left) == 1, left  # The cache, and no temporary file.
   assert re.fullmatch(r"omniglot_4px_[0-9a-f]{10}\.npz", left[0])
+
+
+def _write_tiny_npz(root: pathlib.Path, ink: int) -> None:
+  """Both sets in the npz layout, one 8 px character each, all ``ink``."""
+  root.mkdir(parents=True, exist_ok=True)
+  for gid, which in enumerate(_omniglot.SETS, start=1):
+    np.savez(
+        root / f"omniglot_{which}.npz",
+        images=np.full((20, 8, 8), 255 - ink, np.uint8),  # 0 = ink in files.
+        class_names=np.array([f"A{gid}/character01"]),
+        class_global_id=np.array([gid], np.int32),
+    )
+
+
+def test_cache_is_renewed_when_a_source_file_is_replaced(
+    tmp_path, monkeypatch
+):
+  root, cache = tmp_path / "omniglot", tmp_path / "cache"
+  _write_tiny_npz(root, ink=255)
+  first = _omniglot._resized_characters(root, 4, cache, False)
+  assert (first.images == 255).all()
+  # Replaced in place, same size, by the same path: only the contents and
+  # the modification time differ.
+  _write_tiny_npz(root, ink=7)
+  for path in root.iterdir():
+    os.utime(path, ns=(path.stat().st_atime_ns, 10**18))
+  second = _omniglot._resized_characters(root, 4, cache, False)
+  assert (second.images == 7).all()
+  assert len(list(cache.glob("omniglot_4px_*.npz"))) == 2
+  # Unchanged files still hit the cache.
+  monkeypatch.setattr(_omniglot, "read_all", None)  # Not called.
+  again = _omniglot._resized_characters(root, 4, cache, False)
+  np.testing.assert_array_equal(again.images, second.images)
+  assert len(list(cache.glob("omniglot_4px_*.npz"))) == 2
 
 
 # ---------------------------------------------------------------------------
