@@ -308,9 +308,14 @@ def _reptile_inner(model, params, state, x, y, tx, num_steps, batch_size,
   order = jnp.concatenate([jax.random.permutation(k, n)
                            for k in jax.random.split(key, passes)])
   idx = order[:num_steps * batch_size].reshape(num_steps, batch_size)
-  take = lambda tree: jax.tree.map(lambda a: a[idx], tree)  # noqa: E731
-  (params, state), _ = jax.lax.scan(step, (params, state),
-                                    (take(x), take(y)))
+
+  def take(tree, rows):  # Scalar leaves (MLTI's lam, layer) have no rows.
+    return jax.tree.map(lambda a: a[rows] if jnp.ndim(a) else a, tree)
+
+  def batch_step(carry, rows):
+    return step(carry, (take(x, rows), take(y, rows)))
+
+  (params, state), _ = jax.lax.scan(batch_step, (params, state), idx)
   return params, state
 
 

@@ -302,6 +302,25 @@ def test_lambda_one_reproduces_the_wrapped_learner(name):
   assert max(jax.tree.leaves(difference)) > 1e-4, "mixing changed nothing"
 
 
+@pytest.mark.parametrize("label_sharing", [False, True],
+                         ids=["new_classes", "mixed_labels"])
+def test_reptile_with_inner_mini_batches(label_sharing):
+  """Mini-batches take rows of the mixed inputs and labels, not their lam."""
+  sampler = _vector_sampler()
+  model = models.mlp(NUM_WAYS, hidden=(8,))
+  learner_fn = functools.partial(metalearners.reptile, inner_lr=0.1,
+                                 num_inner_steps=4, inner_batch_size=2)
+  learner = metalearners.mlti(learner_fn, model, sampler, prob=1.0,
+                              label_sharing=label_sharing)
+  episode = sampler.sample(jax.random.key(0), None)
+  params = learner.init(jax.random.key(1), episode)
+  grads, metrics = jax.jit(learner.meta_grad)(params, episode,
+                                              jax.random.key(2))
+  chex.assert_trees_all_equal_structs(grads, params)
+  chex.assert_tree_all_finite((grads, metrics))
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 0
+
+
 def _probe(model):
   """A learner whose 'meta-gradient' reports the interpolation it got."""
   del model
