@@ -3,6 +3,7 @@
 from metalearn.data._common import (
     CACHE_DIR_ENV,
     DATA_DIR_ENV,
+    DataChecksumError,
     DatasetNotFoundError,
     DatasetSplits,
     make_pool,
@@ -17,6 +18,7 @@ from metalearn.data._omniglot import split_names as omniglot_split_names
 __all__ = (
     "CACHE_DIR_ENV",
     "DATA_DIR_ENV",
+    "DataChecksumError",
     "DatasetNotFoundError",
     "DatasetSplits",
     "load_mini_imagenet",

@@ -29,6 +29,13 @@ class DatasetNotFoundError(FileNotFoundError):
   """Raised when a dataset is not where the data directory says."""
 
 
+class DataChecksumError(ValueError):
+  """Raised when a data file does not have its published checksum.
+
+  The message, one line, names the file: it is corrupt or another version.
+  """
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """Returns the data directory: the argument, else ``$METALEARN_DATA_DIR``.
 
@@ -75,12 +82,13 @@ def files_tag(root: pathlib.Path, files: list[pathlib.Path]) -> str:
 
 
 def verify_digest(path: pathlib.Path, expected: str, algorithm: str) -> None:
-  """Raises ``ValueError`` if ``path`` does not have the expected digest."""
+  """Raises :class:`DataChecksumError` if ``path`` has another digest."""
   actual = file_digest(path, algorithm)
   if actual != expected:
-    raise ValueError(
+    raise DataChecksumError(
         f"{path} has {algorithm} {actual}, expected {expected}: the file is "
-        "corrupt or a different version; replace it, or pass verify=False"
+        "corrupt or a different version; replace it (the loaders' "
+        "verify=False skips this check)"
     )
 
 

@@ -322,6 +322,8 @@ def load_omniglot(
 
   Raises:
     DatasetNotFoundError: if no Omniglot is found, saying where to put it.
+    DataChecksumError: if a known file has the wrong checksum (a
+      ``ValueError``), naming the file.
     ValueError: for a bad argument or a corrupt file.
 
   References:

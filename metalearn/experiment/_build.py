@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import hydra.utils
+import jax
 import optax
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
@@ -227,6 +228,24 @@ def _validate_head(cfg) -> None:
     )
 
 
+def _validate_model(cfg) -> None:
+  """The network's sizes, which its factory would reject (or divide by)
+  only after the data are loaded."""
+  model = cfg["model"]
+  if "features" in model:
+    _int_at_least(cfg, "model.features", 1)
+  for field in ("hidden", "widths"):
+    sizes = model.get(field)
+    if sizes is not None and (
+        not isinstance(sizes, Sequence)
+        or isinstance(sizes, str)
+        or not all(_is_int(n) and n >= 1 for n in sizes)
+    ):
+      raise ConfigError(
+          f"model.{field} must be a list of ints >= 1, got {sizes!r}"
+      )
+
+
 def _validate_rates(cfg) -> None:
   learner = cfg["learner"]
   for field in ("inner_lr", "eval_inner_lr"):
@@ -262,6 +281,13 @@ def _validate_trainer(cfg) -> None:
   devices = cfg["trainer"].get("devices")
   if devices is not None and devices != "all":
     _int_at_least(cfg, "trainer.devices", 1)
+    available = jax.device_count()
+    if devices > available:
+      raise ConfigError(
+          f"trainer.devices={devices} exceeds the {available} available "
+          f"{jax.default_backend()} device(s): use trainer.devices=all or a "
+          f"count up to {available}"
+      )
   _bool(cfg, "trainer.resume")
   _bool(cfg, "trainer.progress")
   max_time = cfg["trainer"].get("max_time_s")
@@ -296,6 +322,7 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
   for group in ("model", "learner", "optimizer"):
     _target(cfg, group)
   _validate_head(cfg)
+  _validate_model(cfg)
   _validate_rates(cfg)
   _validate_trainer(cfg)
   _one_of(cfg, "logger.kind", LOGGERS)

@@ -21,6 +21,7 @@ log = logging.getLogger("metalearn.experiment")
 USER_ERRORS = (
     _build.ConfigError,
     data.DatasetNotFoundError,
+    data.DataChecksumError,
     training.NonFiniteLossError,
 )
 
@@ -169,6 +170,7 @@ def run_experiment(
   Raises:
     ConfigError: for a bad config value, naming the field.
     DatasetNotFoundError: if the data directory lacks the dataset.
+    DataChecksumError: if a data file has the wrong checksum.
     NonFiniteLossError: if the loss became NaN or infinite; the last
       checkpoint (before it) is kept.
   """

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from metalearn import experiment, training
-from metalearn.data import DatasetNotFoundError
+from metalearn.data import DataChecksumError, DatasetNotFoundError
+from metalearn.experiment._run import USER_ERRORS
 
 SINUSOID = ("experiment=sinusoid_maml", "debug=smoke")
 
@@ -67,6 +68,11 @@ SINUSOID = ("experiment=sinusoid_maml", "debug=smoke")
         (("trainer.devices=0",), "trainer.devices must be an int >= 1"),
         (("trainer.max_time_s=0",),
          "trainer.max_time_s must be a number > 0, got 0"),
+        (("model.features=0",), "model.features must be an int >= 1, got 0"),
+        (("experiment=sinusoid_maml", "model.hidden=[40,0]"),
+         "model.hidden must be a list of ints >= 1, got [40, 0]"),
+        (("trainer.devices=64",),
+         "trainer.devices=64 exceeds the 1 available"),
     ],
     ids=lambda v: v[0] if isinstance(v, tuple) else None,
 )
@@ -175,6 +181,50 @@ def test_missing_data_directory_says_where_to_put_the_data(
       message
   )
   assert "task.data_dir" in message and "METALEARN_DATA_DIR" in message
+
+
+def _corrupt_omniglot(data_dir, tmp_path) -> pathlib.Path:
+  """A data directory whose omniglot_background.npz has one byte flipped."""
+  root = tmp_path / "data" / "omniglot"
+  root.mkdir(parents=True)
+  for name in ("omniglot_background.npz", "omniglot_evaluation.npz"):
+    (root / name).write_bytes((data_dir / "omniglot" / name).read_bytes())
+  bad = root / "omniglot_background.npz"
+  raw = bytearray(bad.read_bytes())
+  raw[len(raw) // 2] ^= 0xFF
+  bad.write_bytes(bytes(raw))
+  return bad
+
+
+def test_corrupt_data_file_is_a_one_line_user_error(
+    compose_train, data_dir, tmp_path
+):
+  bad = _corrupt_omniglot(data_dir, tmp_path)
+  cfg = compose_train(f"data_dir={tmp_path / 'data'}")
+  with pytest.raises(USER_ERRORS) as info:
+    experiment.run_experiment(cfg, tmp_path / "run")
+  assert isinstance(info.value, DataChecksumError)
+  assert isinstance(info.value, ValueError)
+  message = str(info.value)
+  assert message.startswith(f"{bad} has sha256 ")
+  assert "corrupt" in message and "\n" not in message
+
+
+@pytest.mark.slow
+def test_command_line_reports_a_corrupt_data_file_in_one_line(
+    data_dir, tmp_path
+):
+  bad = _corrupt_omniglot(data_dir, tmp_path)
+  script = pathlib.Path(sys.executable).with_name("metalearn-train")
+  result = subprocess.run(
+      [str(script), f"data_dir={tmp_path / 'data'}",
+       f"hydra.run.dir={tmp_path / 'run'}"],
+      capture_output=True, text=True, timeout=300, cwd=tmp_path,
+  )
+  assert result.returncode == 1, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith(f"metalearn-train: error: {bad} has sha256 ")
 
 
 @pytest.mark.slow
