@@ -7,6 +7,8 @@ Examples (from the repository root)::
   metalearn-train debug=smoke                  # 2 meta-steps, console only
   metalearn-train -m learner=maml,protonet seed=0,1          # a sweep
   metalearn-train hydra.run.dir=outputs/my_run trainer.resume=true
+  # Optuna on the validation objective (README.md, "Sweeps"):
+  metalearn-train -m hydra/sweeper=optuna_val 'learner.inner_lr=interval(0.1,1)'
 
 The logic lives in :mod:`metalearn.experiment`; this file only hands hydra's
 config to :func:`metalearn.experiment.run_hydra`.
@@ -15,7 +17,7 @@ config to :func:`metalearn.experiment.run_hydra`.
 import pathlib
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metalearn import experiment
 
@@ -24,10 +26,19 @@ from metalearn import experiment
 # app is started through the console script rather than `python -m`.
 CONFIG_DIR = str(pathlib.Path(__file__).resolve().parent.parent / "configs")
 
+# ${metalearn.direction:<trainer.objective>,<task.dataset>}: "maximize" or
+# "minimize", for a sweeper's direction (configs/hydra/sweeper/optuna_val).
+OmegaConf.register_new_resolver(
+    "metalearn.direction",
+    lambda objective, dataset: experiment.objective_metric(
+        objective, dataset)[1],
+    replace=True,
+)
+
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-  """Runs the experiment; returns its test accuracy (or loss) for sweepers."""
+  """Runs the experiment; returns its validation objective for sweepers."""
   return experiment.run_hydra(cfg)
 
 

@@ -26,6 +26,8 @@ from metalearn.metalearners import MetaLearner
 DATASETS = ("omniglot", "mini_imagenet", "sinusoid")
 TASK_MAPS = ("auto", "vmap", "scan")
 LOGGERS = ("wandb", "none")
+SELECTS = ("last", "best_val")
+OBJECTIVES = ("auto", "val_accuracy", "val_loss")
 
 
 class ConfigError(ValueError):
@@ -302,6 +304,72 @@ def _validate_trainer(cfg) -> None:
     raise ConfigError(f"trainer.checkpoint_dir must be a path, got {ckpt!r}")
 
 
+def _validate_selection(cfg) -> None:
+  """The validation fields: its key, the checkpoint tested, the objective.
+
+  A config written before these fields existed (a run's ``config.json``)
+  gets their defaults.
+  """
+  trainer = cfg["trainer"]
+  for field, default in (
+      ("val_seed", None), ("select", "last"), ("objective", "auto"),
+  ):
+    trainer.setdefault(field, default)
+  _int_at_least(cfg, "trainer.val_episodes", 1)
+  val_seed = trainer["val_seed"]
+  if val_seed is not None and (
+      not _is_int(val_seed) or val_seed == trainer["eval_seed"]
+  ):
+    raise ConfigError(
+        "trainer.val_seed must be null or an int other than "
+        f"trainer.eval_seed={trainer['eval_seed']} (validation never draws "
+        f"the test episodes), got {val_seed!r}"
+    )
+  if _one_of(cfg, "trainer.select", SELECTS) == "best_val" and not (
+      trainer["eval_every"]
+  ):
+    raise ConfigError(
+        "trainer.select=best_val picks among the validations during "
+        "training, but trainer.eval_every=0 runs none: set "
+        "trainer.eval_every > 0"
+    )
+  objective = _one_of(cfg, "trainer.objective", OBJECTIVES)
+  if objective == "val_accuracy" and cfg["task"]["dataset"] == "sinusoid":
+    raise ConfigError(
+        "trainer.objective=val_accuracy, but the sinusoid regression task "
+        "has no accuracy: use val_loss (or auto)"
+    )
+
+
+def objective_metric(objective: str, dataset: str) -> tuple[str, str]:
+  """The validation metric that ``trainer.objective`` names, and its sense.
+
+  Args:
+    objective: ``"auto"``, ``"val_accuracy"`` or ``"val_loss"``.
+    dataset: ``task.dataset``; ``auto`` is the accuracy for classification
+      and the loss (mean squared error) for the sinusoid regression task.
+
+  Returns:
+    ``("val/outer/accuracy", "maximize")`` or
+    ``("val/outer/loss", "minimize")``.
+
+  Examples:
+    >>> objective_metric("auto", "omniglot")
+    ('val/outer/accuracy', 'maximize')
+    >>> objective_metric("auto", "sinusoid")
+    ('val/outer/loss', 'minimize')
+  """
+  if objective == "auto":
+    objective = "val_loss" if dataset == "sinusoid" else "val_accuracy"
+  if objective == "val_accuracy":
+    return "val/outer/accuracy", "maximize"
+  if objective == "val_loss":
+    return "val/outer/loss", "minimize"
+  raise ValueError(
+      f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}"
+  )
+
+
 def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
   """Checks a whole run config without loading data or compiling anything.
 
@@ -325,6 +393,7 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
   _validate_model(cfg)
   _validate_rates(cfg)
   _validate_trainer(cfg)
+  _validate_selection(cfg)
   _one_of(cfg, "logger.kind", LOGGERS)
   return cfg
 
@@ -465,6 +534,8 @@ def build_samplers(
       except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"task (sinusoid): {e}") from e
 
+    # Validation and test tasks come from the same family, and from
+    # different keys (trainer.val_seed, trainer.eval_seed).
     test = make(task["num_shots"], task["num_queries"])
     return Samplers(
         make(_train_num_shots(task), task["train_num_queries"]), test, test)

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 
 from metalearn import data, training
-from metalearn.experiment import _build, _checkpoint, _logging
+from metalearn.experiment import _build, _checkpoint, _logging, _select
 
 log = logging.getLogger("metalearn.experiment")
 
@@ -40,10 +40,13 @@ def _mesh(trainer):
   return training.task_mesh(None if devices == "all" else devices)
 
 
-def _evaluate(trainer, learner, meta_params, sampler, num_episodes):
-  """Accuracy (or loss) on fixed episodes of ``trainer.eval_seed``."""
+def _evaluate(trainer, learner, meta_params, sampler, num_episodes, split):
+  """Accuracy (or loss) on a split's fixed episodes: ``trainer.eval_seed``
+  for test, ``trainer.val_seed`` for validation (:func:`_select.eval_seed`).
+  """
   return training.evaluate(
-      learner, meta_params, sampler, jax.random.key(trainer["eval_seed"]),
+      learner, meta_params, sampler,
+      jax.random.key(_select.eval_seed(trainer, split)),
       num_episodes=num_episodes,
       batch_size=trainer["eval_batch_size"],
       task_map=trainer["task_map"],
@@ -78,8 +81,17 @@ class _MetricsFile:
       f.write(json.dumps(record) + "\n")
 
 
-def _make_callback(cfg, learner, samplers, manager, logger, metrics_file):
-  """Logs, validates and checkpoints every ``trainer.log_every`` steps."""
+def _validate(trainer, learner, meta_params, samplers):
+  """The ``val/*`` metrics of ``meta_params``."""
+  val = _evaluate(trainer, learner, meta_params, samplers.val,
+                  trainer["val_episodes"], "val")
+  return {f"val/{k}": v for k, v in val.items()}
+
+
+def _make_callback(cfg, learner, samplers, manager, logger, metrics_file,
+                   selection):
+  """Logs, validates (noting it in ``selection``) and checkpoints every
+  ``trainer.log_every`` steps."""
   trainer = cfg["trainer"]
 
   def callback(state: training.MetaTrainState, metrics: dict[str, float]):
@@ -87,17 +99,46 @@ def _make_callback(cfg, learner, samplers, manager, logger, metrics_file):
     metrics = {k: v for k, v in metrics.items() if k != "step"}
     logger.log(metrics, step)
     if trainer["eval_every"] and step % trainer["eval_every"] == 0:
-      val = _evaluate(trainer, learner, state.meta_params, samplers.val,
-                      trainer["val_episodes"])
-      val = {f"val/{k}": v for k, v in val.items()}
+      val = _validate(trainer, learner, state.meta_params, samplers)
       logger.log(val, step)
       metrics.update(val)
+      selection.record(state, val)
     metrics_file.write(step, metrics)
     _checkpoint.save_state(
         manager, state, force=step == trainer["num_steps"]
     )
 
   return callback
+
+
+def _select_and_test(trainer, learner, samplers, state, selection, logger):
+  """Validates the final state (unless it was at its step), picks the
+  tested state (``trainer.select``) and tests it.
+
+  Returns:
+    The results' ``select``, ``tested_step``, ``objective`` (the ``val/*``
+    metric name), ``objective_value`` (of the tested state) and ``test/*``.
+  """
+  step = int(state.step)
+  final_val = selection.validation_of(step)
+  if final_val is None:
+    final_val = _validate(trainer, learner, state.meta_params, samplers)
+    logger.log(final_val, step)
+  tested, tested_step, value = selection.choose(state, final_val)
+  if tested_step != step:
+    log.info("trainer.select=%s: testing the state of step %d (%s=%.6g)",
+             trainer["select"], tested_step, selection.metric, value)
+  results = {
+      "select": trainer["select"],
+      "tested_step": tested_step,
+      "objective": selection.metric,
+      "objective_value": value,
+  }
+  if trainer["test_episodes"]:
+    test = _evaluate(trainer, learner, tested.meta_params, samplers.test,
+                     trainer["test_episodes"], "test")
+    results.update({f"test/{k}": v for k, v in test.items()})
+  return results
 
 
 def _resume_state(manager, resume: bool, field: str, like: Callable[[], Any]):
@@ -148,15 +189,19 @@ def run_experiment(
   meta-optimizer; meta-train with :func:`metalearn.training.meta_train`,
   logging every ``trainer.log_every`` steps and checkpointing every
   ``trainer.checkpoint_every`` steps and at the end (also when
-  ``trainer.max_time_s`` stops training early); record every metric line
-  in ``<run_dir>/metrics.jsonl``; evaluate on the test
-  split with :func:`metalearn.training.evaluate`; write
-  ``<run_dir>/results.json``.
+  ``trainer.max_time_s`` stops training early); validate every
+  ``trainer.eval_every`` steps; record every metric line in
+  ``<run_dir>/metrics.jsonl``; validate the final state (unless it was at
+  its step); pick the tested state (``trainer.select``: the last one, or
+  the one with the best ``trainer.objective``, kept in ``<checkpoint
+  dir>/best``); evaluate it on the test split with
+  :func:`metalearn.training.evaluate`; write ``<run_dir>/results.json``.
 
   All randomness comes from ``jax.random.key(cfg.seed)``, so a run resumed
   from a checkpoint (``trainer.resume=true``) ends with the same parameters,
-  bit for bit, as one that never stopped. Test episodes come from
-  ``trainer.eval_seed``, the same for every run.
+  bit for bit, and tests the same state, as one that never stopped. Test
+  episodes come from ``trainer.eval_seed`` and validation episodes from
+  ``trainer.val_seed`` (never the test key), the same for every run.
 
   Args:
     config: the composed config (a ``DictConfig`` or its plain form).
@@ -164,8 +209,10 @@ def run_experiment(
 
   Returns:
     The results: ``name``, ``seed``, ``steps``, the last ``train/*``
-    metrics, ``test/*`` metrics (accuracy and its 95% interval, loss),
-    ``train_seconds`` and ``run_dir``.
+    metrics, ``select``, ``tested_step``, ``objective`` (a ``val/*``
+    metric name) and ``objective_value`` (that metric of the tested
+    state), ``test/*`` metrics of the tested state (accuracy and its 95%
+    interval, loss), ``train_seconds`` and ``run_dir``.
 
   Raises:
     ConfigError: for a bad config value, naming the field.
@@ -190,16 +237,21 @@ def run_experiment(
   learner = _build.build_learner(cfg)
   tx = _build.build_optimizer(cfg)
   key = jax.random.key(cfg["seed"])
+  metric, direction = _build.objective_metric(
+      trainer["objective"], cfg["task"]["dataset"])
   manager = _checkpoint.checkpoint_manager(
       trainer["checkpoint_dir"] or run_dir / "checkpoints",
       save_every=trainer["checkpoint_every"],
       max_to_keep=trainer["max_to_keep"],
   )
-  logger = None
+  logger = selection = None
   try:
     state = _resume_state(
         manager, trainer["resume"], "trainer.resume",
         lambda: training.init_state(learner, tx, samplers.train, key))
+    selection = _select.Selection(
+        trainer["select"], metric, direction,
+        pathlib.Path(manager.directory) / "best", resumed=state is not None)
     _write_json(run_dir / "config.json", cfg)
     logger = _logging.make_logger(
         cfg["logger"], run_dir=run_dir, name=_build.run_name(cfg),
@@ -220,15 +272,16 @@ def run_experiment(
         mesh=_mesh(trainer),
         log_every=trainer["log_every"],
         callback=_make_callback(cfg, learner, samplers, manager, logger,
-                                metrics_file),
+                                metrics_file, selection),
         progress=trainer["progress"],
         max_seconds=trainer.get("max_time_s"),
     )
     stopped_early = int(state.step) < trainer["num_steps"]
     if stopped_early:
       log.warning(
-          "trainer.max_time_s=%s reached at meta-step %d of %d; the test "
-          "below is of that state (trainer.resume=true continues the run)",
+          "trainer.max_time_s=%s reached at meta-step %d of %d; the "
+          "selection and test below are of the run so far "
+          "(trainer.resume=true continues it)",
           trainer["max_time_s"], int(state.step), trainer["num_steps"])
       _checkpoint.save_state(manager, state, force=True)
     manager.wait_until_finished()
@@ -244,10 +297,8 @@ def run_experiment(
     if history:
       results.update({f"train/{k}": v for k, v in history[-1].items()
                       if k != "step"})
-    if trainer["test_episodes"]:
-      test = _evaluate(trainer, learner, state.meta_params, samplers.test,
-                       trainer["test_episodes"])
-      results.update({f"test/{k}": v for k, v in test.items()})
+    results.update(_select_and_test(trainer, learner, samplers, state,
+                                    selection, logger))
     _write_json(run_dir / "results.json", results)
     logger.summary(results)
     logger.finish(0)
@@ -256,6 +307,8 @@ def run_experiment(
   finally:
     if logger is not None:
       logger.finish(1)
+    if selection is not None:
+      selection.close()
     manager.wait_until_finished()
     manager.close()
 
@@ -278,8 +331,9 @@ def evaluate_run(
   """Evaluates the checkpoints of a finished (or stopped) run.
 
   The run is rebuilt from its ``config.json``; each checkpoint's
-  meta-parameters are evaluated on the same fixed episodes
-  (``trainer.eval_seed``) as the run's own test. Use it for accuracy
+  meta-parameters are evaluated on the same fixed episodes as the run's
+  own test (``trainer.eval_seed``; ``trainer.val_seed`` for
+  ``split="val"``, as its validations). Use it for accuracy
   curves over meta-training, or to test a model on another episode shape
   (``task={"num_ways": 20}`` tests a ProtoNet trained for 5-way on 20-way
   episodes).
@@ -340,7 +394,7 @@ def evaluate_run(
     for step in steps:
       state = _checkpoint.restore_state(manager, like, step)
       metrics = _evaluate(trainer, learner, state.meta_params, sampler,
-                          num_episodes or trainer["test_episodes"])
+                          num_episodes or trainer["test_episodes"], split)
       row = {"step": step, "wall_s": wall.get(step),
              **{f"{split}/{k}": v for k, v in metrics.items()}}
       if progress:
@@ -354,9 +408,10 @@ def evaluate_run(
 
 
 def _objective(results: Mapping[str, Any]) -> float | None:
-  """The number a hydra sweeper optimises: test accuracy, else test loss."""
-  for name in ("test/outer/accuracy", "test/outer/loss",
-               "learned/final_held_out"):
+  """The number a hydra sweeper optimises: the validation objective
+  (``trainer.objective``) of the tested state, never a test metric; for a
+  learned-optimiser run, its held-out loss."""
+  for name in ("objective_value", "learned/final_held_out"):
     if name in results:
       return float(results[name])
   return None
@@ -371,7 +426,9 @@ def run_hydra(cfg) -> float | None:
   the sweep's other jobs still run.
 
   Returns:
-    The test accuracy (or loss), for sweepers that optimise it.
+    The validation metric named by ``trainer.objective`` (accuracy by
+    default for classification, to maximise; loss for regression, to
+    minimise) of the tested state, for sweepers that optimise it.
   """
   from hydra.core.hydra_config import HydraConfig
   from hydra.types import RunMode
