@@ -7,7 +7,6 @@ parameters, never a test metric.
 """
 
 import pathlib
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,11 +75,11 @@ class Selection:
     self._manager = None
     if select != "best_val":
       return
-    directory = pathlib.Path(directory)
-    if not resumed and directory.exists():
-      shutil.rmtree(directory)
     self._manager = _checkpoint.checkpoint_manager(
         directory, save_every=1, max_to_keep=1)
+    if not resumed:
+      for step in self._manager.all_steps():
+        self._manager.delete(step)
     step = self._manager.latest_step()
     if step is not None:
       tree = self._manager.restore(step, args=ocp.args.StandardRestore())

@@ -126,6 +126,13 @@ def test_best_val_tests_the_best_validated_step(compose_train, tmp_path):
   tested, last = experiment.evaluate_run(tmp_path, steps=[best, 6])
   assert results["test/outer/loss"] == tested["test/outer/loss"]
   assert results["test/outer/loss"] != last["test/outer/loss"]
+  # A fresh run in the same directory never inherits that best state.
+  for step in range(1, 7):
+    shutil.rmtree(tmp_path / "checkpoints" / str(step))
+  again = experiment.run_experiment(
+      compose_train(*BEST_VAL, "trainer.num_steps=1",
+                    "optimizer.learning_rate=0.001"), tmp_path)
+  assert again["tested_step"] == 1
 
 
 @pytest.mark.slow
