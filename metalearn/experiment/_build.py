@@ -20,7 +20,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from metalearn import data, metalearners, tasks
+from metalearn import data, metalearners, models, tasks
 from metalearn.metalearners import MetaLearner
 
 DATASETS = ("omniglot", "mini_imagenet", "sinusoid")
@@ -236,6 +236,8 @@ def _validate_model(cfg) -> None:
   model = cfg["model"]
   if "features" in model:
     _int_at_least(cfg, "model.features", 1)
+  if "norm" in model:
+    _one_of(cfg, "model.norm", models.NORMS)
   for field in ("hidden", "widths"):
     sizes = model.get(field)
     if sizes is not None and (

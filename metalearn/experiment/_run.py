@@ -133,6 +133,8 @@ def _select_and_test(trainer, learner, samplers, state, selection, logger):
       "tested_step": tested_step,
       "objective": selection.metric,
       "objective_value": value,
+      # A query's test outputs depend on the other queries of its episode.
+      "transductive": learner.transductive,
   }
   if trainer["test_episodes"]:
     test = _evaluate(trainer, learner, tested.meta_params, samplers.test,

@@ -5,9 +5,10 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
+from metalearn import models
 from metalearn.learned_optimizers._base import LearnedOptimizer
 from metalearn.learned_optimizers._meta_lstm import meta_lstm_optimizer
-from metalearn.metalearners import MetaLearner, make_learner, task_loss
+from metalearn.metalearners import MetaLearner, adaptation_learner, task_loss
 from metalearn.models import Model
 from metalearn.types import Episode
 
@@ -49,23 +50,34 @@ def inner_loop(
   Returns:
     The adapted parameters.
   """
+  return _inner_with_state(model, tx, params, None, x, y,
+                           num_steps=num_steps, first_order=first_order,
+                           training=True)[0]
+
+
+def _inner_with_state(model, tx, params, state, x, y, *, num_steps,
+                      first_order, training):
+  """:func:`inner_loop` threading the model's state through its forward
+  passes (``models.forward``); returns ``(params, state)``."""
   tx = optax.with_extra_args_support(tx)
 
-  def loss_fn(params):
-    return task_loss(model.apply(params, x), y, prefix="inner/")[0]
+  def loss_fn(params, state):
+    out, state = models.forward(model, params, state, x, training=training)
+    return task_loss(out, y, prefix="inner/")[0], state
 
   def step(carry, _):
-    params, opt_state = carry
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    params, opt_state, state = carry
+    (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, state)
     if first_order:
       loss, grads = jax.lax.stop_gradient((loss, grads))
     updates, opt_state = tx.update(grads, opt_state, params, value=loss)
-    return (optax.apply_updates(params, updates), opt_state), None
+    return (optax.apply_updates(params, updates), opt_state, state), None
 
-  (params, _), _ = jax.lax.scan(
-      step, (params, tx.init(params)), None, length=num_steps
+  (params, _, state), _ = jax.lax.scan(
+      step, (params, tx.init(params), state), None, length=num_steps
   )
-  return params
+  return params, state
 
 
 def learned_optimizer_learner(
@@ -82,7 +94,11 @@ def learned_optimizer_learner(
   transformation on the support set from the meta-learned initialisation;
   the outer loss is the query loss of the result, differentiated with
   respect to both (the default ``meta_grad``), so
-  :func:`metalearn.training.make_meta_step` trains it unchanged.
+  :func:`metalearn.training.make_meta_step` trains it unchanged. A model
+  with ``norm="running"`` keeps its running statistics as carried
+  meta-state, moved by every training forward pass (each inner step, then
+  the query set) and used alone at meta-test
+  (:func:`metalearn.metalearners.adaptation_learner`).
 
   Args:
     model: the network.
@@ -115,24 +131,21 @@ def learned_optimizer_learner(
         learned_optimizer.init(opt_key),
     )
 
-  def adapt(meta_params, episode: Episode, key, training: bool = True):
+  def inner(params, run, state, episode: Episode, key, training: bool):
     del key
-    return inner_loop(
-        model,
-        learned_optimizer.opt_fn(meta_params.theta),
-        meta_params.model,
+    return _inner_with_state(
+        run,
+        learned_optimizer.opt_fn(params.theta),
+        params.model,
+        state,
         episode.support_x,
         episode.support_y,
         num_steps=num_inner_steps if training else eval_num_inner_steps,
         first_order=first_order or not training,
+        training=training,
     )
 
-  def evaluate(meta_params, task_params, episode: Episode):
-    del meta_params
-    return task_loss(model.apply(task_params, episode.query_x),
-                     episode.query_y)
-
-  return make_learner(init, adapt, evaluate)
+  return adaptation_learner(model, init, inner)
 
 
 def meta_lstm(

@@ -3,6 +3,8 @@
 from metalearn.metalearners._base import (
     MetaLearner,
     MixedLabels,
+    WithModelState,
+    adaptation_learner,
     default_meta_grad,
     make_learner,
     task_loss,
@@ -38,6 +40,8 @@ __all__ = (
     "MixedInputs",
     "MixedLabels",
     "ReptileParams",
+    "WithModelState",
+    "adaptation_learner",
     "anil",
     "cutmix",
     "default_meta_grad",

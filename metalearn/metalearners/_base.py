@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metalearn import models
+from metalearn.models import Model
 from metalearn.types import Episode
 
 PyTree = Any
@@ -31,10 +33,20 @@ class MetaLearner(NamedTuple):
     carried: ``None``, or ``carried(meta_params) -> tree of bools`` (the
       structure of ``meta_params``) marking the leaves that are state
       carried from one meta-step to the next rather than learned, such as
-      Reptile's inner optimiser state with ``carry_inner_state=True``. For
+      Reptile's inner optimiser state with ``carry_inner_state=True`` or a
+      model's batch-norm running statistics (:class:`WithModelState`). For
       those leaves ``meta_grad`` returns ``old - new`` for its task, and the
       meta-step sets them to the tasks' mean new value whatever the
       meta-optimizer (:func:`metalearn.training.outer_optimizer`).
+    predict: ``None``, or ``predict(meta_params, task_params, x) ->
+      outputs`` (logits for classification, predictions for regression)
+      for new inputs ``x`` of an adapted task (``adapt(...,
+      training=False)``), with the meta-test settings.
+    transductive: whether a query's outputs at meta-test depend on the
+      other inputs of its episode (batch statistics of the batch at hand).
+      Every built-in learner on a model with ``norm="running"`` or
+      ``"none"`` is not: replacing the other queries leaves a query's
+      outputs bit-identical (the conformance suite checks it).
 
   All are traced once per shape and run under ``jit`` and ``vmap``.
   The trainer (:func:`metalearn.training.make_meta_step`) maps ``meta_grad``
@@ -46,6 +58,8 @@ class MetaLearner(NamedTuple):
   evaluate: Callable[[PyTree, PyTree, Episode], tuple[jax.Array, Metrics]]
   meta_grad: Callable[[PyTree, Episode, jax.Array], tuple[PyTree, Metrics]]
   carried: Callable[[PyTree], PyTree] | None = None
+  predict: Callable[[PyTree, PyTree, jax.Array], jax.Array] | None = None
+  transductive: bool = False
 
 
 def default_meta_grad(adapt, evaluate):
@@ -71,7 +85,8 @@ def default_meta_grad(adapt, evaluate):
 
 
 def make_learner(init, adapt, evaluate, meta_grad=None,
-                 carried=None) -> MetaLearner:
+                 carried=None, predict=None,
+                 transductive=False) -> MetaLearner:
   """Assembles a :class:`MetaLearner`, filling in the default ``meta_grad``.
 
   Examples:
@@ -91,7 +106,8 @@ def make_learner(init, adapt, evaluate, meta_grad=None,
   """
   if meta_grad is None:
     meta_grad = default_meta_grad(adapt, evaluate)
-  return MetaLearner(init, adapt, evaluate, meta_grad, carried)
+  return MetaLearner(init, adapt, evaluate, meta_grad, carried, predict,
+                     transductive)
 
 
 class MixedLabels(NamedTuple):
@@ -146,3 +162,118 @@ def task_loss(
     return loss, {f"{prefix}loss": loss, f"{prefix}accuracy": acc}
   loss = jnp.mean(jnp.square(outputs - y))
   return loss, {f"{prefix}loss": loss}
+
+
+class WithModelState(NamedTuple):
+  """The meta-parameters of a learner whose model keeps state.
+
+  Attributes:
+    params: what the learner's meta-parameters are without state (learned).
+    model_state: the model's state (batch-norm running statistics),
+      carried from one meta-step to the next (:attr:`MetaLearner.carried`):
+      each task moves it through the training forward passes of its
+      meta-gradient, and the meta-step sets it to the tasks' mean.
+  """
+
+  params: PyTree
+  model_state: PyTree
+
+
+def with_model_state(carried=None):
+  """``carried`` for :class:`WithModelState` meta-parameters.
+
+  Args:
+    carried: the learner's own ``carried`` for ``params``, or ``None``.
+
+  Returns:
+    ``carried(meta_params)`` marking ``model_state`` (and what ``carried``
+    marks in ``params``).
+  """
+
+  def mark(meta_params):
+    inner = (jax.tree.map(lambda _: False, meta_params.params)
+             if carried is None else carried(meta_params.params))
+    return WithModelState(
+        inner, jax.tree.map(lambda _: True, meta_params.model_state))
+
+  return mark
+
+
+def state_step(old: PyTree, new: PyTree) -> PyTree:
+  """``old - new``: the carried-state entry of a meta-gradient."""
+  return jax.tree.map(jnp.subtract, old, jax.lax.stop_gradient(new))
+
+
+def adaptation_learner(
+    model: Model,
+    init_params: Callable[[jax.Array, Episode], PyTree],
+    inner: Callable[..., tuple[PyTree, PyTree]],
+) -> MetaLearner:
+  """A learner that adapts the model's parameters on the support set.
+
+  The shared shape of MAML, ANIL, Meta-SGD and the learned-optimiser
+  learners: adaptation returns the model's task parameters; the query
+  outputs are the model's on them.
+
+  With a stateless model the meta-parameters are ``init_params``'s and the
+  meta-gradient differentiates ``evaluate(adapt(...))``. With a model that
+  keeps state (``norm="running"``) they are :class:`WithModelState`:
+  meta-training runs every forward pass (each inner step on the support
+  set, then the query set) with batch statistics, threading the running
+  statistics through them in order; the task's final statistics are its
+  carried-state entry. ``adapt(training=False)``, ``evaluate`` and
+  ``predict`` normalise every input with the stored statistics alone.
+
+  Args:
+    model: the network.
+    init_params: ``init_params(key, episode)`` -> the learner's parameters
+      (without the model state).
+    inner: ``inner(params, model, state, episode, key, training) ->
+      (task_params, state)``, the inner loop from the learner's
+      parameters, running ``model`` with :func:`metalearn.models.forward`.
+
+  Returns:
+    The :class:`MetaLearner`.
+  """
+  stateful = models.has_state(model)
+
+  def split(meta_params):
+    if stateful:
+      return meta_params.params, meta_params.model_state
+    return meta_params, None
+
+  def init(key, episode: Episode):
+    params = init_params(key, episode)
+    if not stateful:
+      return params
+    return WithModelState(params, model.init_state(key, episode.support_x))
+
+  def adapt(meta_params, episode: Episode, key, training: bool = True):
+    params, state = split(meta_params)
+    run = model if training else models.bind(model, state)
+    return inner(params, run, state, episode, key, training)[0]
+
+  def predict(meta_params, task_params, x):
+    return models.bind(model, split(meta_params)[1]).apply(task_params, x)
+
+  def evaluate(meta_params, task_params, episode: Episode):
+    return task_loss(predict(meta_params, task_params, episode.query_x),
+                     episode.query_y)
+
+  def meta_grad(meta_params, episode: Episode, key):
+    params, state = meta_params
+
+    def outer(params):
+      adapted, new = inner(params, model, state, episode, key, True)
+      out, new = models.forward(model, adapted, new, episode.query_x,
+                                training=True)
+      loss, metrics = task_loss(out, episode.query_y)
+      return loss, (metrics, new)
+
+    grads, (metrics, new) = jax.grad(outer, has_aux=True)(params)
+    return WithModelState(grads, state_step(state, new)), metrics
+
+  return make_learner(init, adapt, evaluate,
+                      meta_grad if stateful else None,
+                      with_model_state() if stateful else None,
+                      predict, model.transductive)

@@ -6,7 +6,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metalearn.metalearners._base import MetaLearner, make_learner, task_loss
+from metalearn import models
+from metalearn.metalearners._base import (
+    MetaLearner,
+    WithModelState,
+    adaptation_learner,
+    make_learner,
+    state_step,
+    task_loss,
+    with_model_state,
+)
 from metalearn.models import Model
 from metalearn.types import Episode
 
@@ -69,6 +78,15 @@ def inner_sgd(
   Returns:
     The adapted parameters.
   """
+  return _sgd_with_state(model, params, None, x, y, inner_lr=inner_lr,
+                         num_steps=num_steps, first_order=first_order,
+                         trainable=trainable, training=True)[0]
+
+
+def _sgd_with_state(model, params, state, x, y, *, inner_lr, num_steps,
+                    first_order, trainable, training):
+  """:func:`inner_sgd` threading the model's state through its forward
+  passes (``models.forward``); returns ``(params, state)``."""
   if trainable is None:
     fast, frozen = params, None
   else:
@@ -78,30 +96,25 @@ def inner_sgd(
   def join(fast):
     return fast if frozen is None else {**frozen, trainable: fast}
 
-  def loss_fn(fast):
-    return task_loss(model.apply(join(fast), x), y, prefix="inner/")[0]
+  def loss_fn(fast, state):
+    out, state = models.forward(model, join(fast), state, x,
+                                training=training)
+    return task_loss(out, y, prefix="inner/")[0], state
 
-  def step(fast, _):
-    grads = jax.grad(loss_fn)(fast)
+  def step(carry, _):
+    fast, state = carry
+    grads, state = jax.grad(loss_fn, has_aux=True)(fast, state)
     if first_order:
       grads = jax.lax.stop_gradient(grads)
     if isinstance(inner_lr, (int, float)):
       fast = jax.tree.map(lambda p, g: p - inner_lr * g, fast, grads)
     else:
       fast = jax.tree.map(lambda p, g, a: p - a * g, fast, grads, inner_lr)
-    return fast, None
+    return (fast, state), None
 
-  fast, _ = jax.lax.scan(step, fast, None, length=num_steps)
-  return join(fast)
-
-
-def _evaluate(model):
-  def evaluate(meta_params, task_params, episode: Episode):
-    del meta_params
-    return task_loss(model.apply(task_params, episode.query_x),
-                     episode.query_y)
-
-  return evaluate
+  (fast, state), _ = jax.lax.scan(step, (fast, state), None,
+                                  length=num_steps)
+  return join(fast), state
 
 
 def _init(model):
@@ -170,20 +183,16 @@ def maml(
   )
   _check(eval_inner_lr, eval_num_inner_steps, "eval_inner")
 
-  def adapt(meta_params, episode: Episode, key, training: bool = True):
+  def inner(params, run, state, episode: Episode, key, training: bool):
     del key
-    return inner_sgd(
-        model,
-        meta_params,
-        episode.support_x,
-        episode.support_y,
+    return _sgd_with_state(
+        run, params, state, episode.support_x, episode.support_y,
         inner_lr=inner_lr if training else eval_inner_lr,
         num_steps=num_inner_steps if training else eval_num_inner_steps,
         first_order=first_order or not training,
-        trainable=adapt_only,
-    )
+        trainable=adapt_only, training=training)
 
-  return make_learner(_init(model), adapt, _evaluate(model))
+  return adaptation_learner(model, _init(model), inner)
 
 
 def anil(
@@ -257,51 +266,52 @@ def metasgd(
     lrs = jax.tree.map(lambda p: jnp.full_like(p, inner_lr), params)
     return MetaSGDParams(params, lrs)
 
-  def adapt(meta_params, episode: Episode, key, training: bool = True):
+  def inner(params, run, state, episode: Episode, key, training: bool):
     del key
-    return inner_sgd(
-        model,
-        meta_params.model,
-        episode.support_x,
-        episode.support_y,
-        inner_lr=meta_params.inner_lr,
+    return _sgd_with_state(
+        run, params.model, state, episode.support_x, episode.support_y,
+        inner_lr=params.inner_lr,
         num_steps=num_inner_steps if training else eval_num_inner_steps,
-        first_order=first_order or not training,
-    )
+        first_order=first_order or not training, trainable=None,
+        training=training)
 
-  return make_learner(init, adapt, _evaluate(model))
+  return adaptation_learner(model, init, inner)
 
 
 def _reptile_inner(model, params, state, x, y, tx, num_steps, batch_size,
-                   key):
+                   key, model_state=None, training=True):
   """``num_steps`` of ``tx`` on one task, each on the next mini-batch.
 
   Starts from the optimiser state ``state`` (``None``: a fresh one) and
-  returns the adapted parameters and the final state. Mini-batches of
-  ``batch_size`` walk through reshuffled passes over the ``n`` examples
-  (Nichol et al.'s sampling without replacement); with ``batch_size``
-  ``None`` or ``>= n`` every step sees all of them.
+  returns the adapted parameters, the final state and the model's state
+  (threaded through the forward passes, :func:`metalearn.models.forward`).
+  Mini-batches of ``batch_size`` walk through reshuffled passes over the
+  ``n`` examples (Nichol et al.'s sampling without replacement); with
+  ``batch_size`` ``None`` or ``>= n`` every step sees all of them.
   """
   n = jax.tree.leaves(x)[0].shape[0]  # x and y may be pytrees (MLTI)
   if state is None:
     state = tx.init(params)
 
-  def loss_fn(p, xb, yb):
-    return task_loss(model.apply(p, xb), yb, prefix="inner/")[0]
+  def loss_fn(p, model_state, xb, yb):
+    out, model_state = models.forward(model, p, model_state, xb,
+                                      training=training)
+    return task_loss(out, yb, prefix="inner/")[0], model_state
 
   def step(carry, batch):
-    p, state = carry
+    p, state, model_state = carry
     xb, yb = batch
-    grads = jax.grad(loss_fn)(p, xb, yb)
+    grads, model_state = jax.grad(loss_fn, has_aux=True)(
+        p, model_state, xb, yb)
     updates, state = tx.update(grads, state, p)
-    return (optax.apply_updates(p, updates), state), None
+    return (optax.apply_updates(p, updates), state, model_state), None
 
+  carry = (params, state, model_state)
   if batch_size is None or batch_size >= n:
     def full(carry, _):
       return step(carry, (x, y))
-    (params, state), _ = jax.lax.scan(full, (params, state), None,
-                                      length=num_steps)
-    return params, state
+    carry, _ = jax.lax.scan(full, carry, None, length=num_steps)
+    return carry
   if key is None:
     raise ValueError("mini-batched inner steps need a key to shuffle by")
   passes = -(-num_steps * batch_size // n)  # ceil
@@ -315,8 +325,8 @@ def _reptile_inner(model, params, state, x, y, tx, num_steps, batch_size,
   def batch_step(carry, rows):
     return step(carry, (take(x, rows), take(y, rows)))
 
-  (params, state), _ = jax.lax.scan(batch_step, (params, state), idx)
-  return params, state
+  carry, _ = jax.lax.scan(batch_step, carry, idx)
+  return carry
 
 
 def reptile(
@@ -406,45 +416,69 @@ def reptile(
       (optax.sgd(inner_lr), optax.sgd(eval_inner_lr))
       if inner_optimizer is None else (inner_optimizer, inner_optimizer))
 
-  evaluate = _evaluate(model)
+  stateful = models.has_state(model)
 
   def init(key, episode: Episode):
     params = model.init(key, episode.support_x)
-    if not carry_inner_state:
-      return params
-    return ReptileParams(params, train_tx.init(params))
+    if carry_inner_state:
+      params = ReptileParams(params, train_tx.init(params))
+    if stateful:
+      params = WithModelState(params,
+                              model.init_state(key, episode.support_x))
+    return params
 
   def split(meta_params):
+    """(model params, inner optimiser state, model state)."""
+    model_state = None
+    if stateful:
+      meta_params, model_state = meta_params
     if carry_inner_state:
-      return meta_params.model, meta_params.inner_state
-    return meta_params, None
+      return meta_params.model, meta_params.inner_state, model_state
+    return meta_params, None, model_state
 
   def inner(meta_params, episode: Episode, key, training: bool):
-    params, state = split(meta_params)
+    params, state, model_state = split(meta_params)
     return _reptile_inner(
-        model, params, state, episode.support_x, episode.support_y,
+        model if training else models.bind(model, model_state),
+        params, state, episode.support_x, episode.support_y,
         train_tx if training else eval_tx,
         num_inner_steps if training else eval_num_inner_steps,
-        inner_batch_size if training else eval_inner_batch_size, key)
+        inner_batch_size if training else eval_inner_batch_size, key,
+        model_state, training)
 
   def adapt(meta_params, episode: Episode, key, training: bool = True):
     return inner(meta_params, episode, key, training)[0]
 
+  def predict(meta_params, task_params, x):
+    return models.bind(model, split(meta_params)[2]).apply(task_params, x)
+
+  def evaluate(meta_params, task_params, episode: Episode):
+    return task_loss(predict(meta_params, task_params, episode.query_x),
+                     episode.query_y)
+
   def meta_grad(meta_params, episode: Episode, key):
-    adapted, state = jax.lax.stop_gradient(
+    adapted, state, model_state = jax.lax.stop_gradient(
         inner(meta_params, episode, key, True))
-    _, metrics = evaluate(meta_params, adapted, episode)
-    params, old_state = split(meta_params)
+    # Metrics with the training forward; the query set does not move the
+    # running statistics (Reptile trains on the inner steps alone).
+    out = models.forward(model, adapted, model_state, episode.query_x,
+                         training=True)[0]
+    _, metrics = task_loss(out, episode.query_y)
+    params, old_state, old_model_state = split(meta_params)
     grads = jax.tree.map(jnp.subtract, params, adapted)
     if carry_inner_state:  # old - new: the meta-step sets the mean new state
-      grads = ReptileParams(grads,
-                            jax.tree.map(jnp.subtract, old_state, state))
+      grads = ReptileParams(grads, state_step(old_state, state))
+    if stateful:
+      grads = WithModelState(grads, state_step(old_model_state, model_state))
     return grads, metrics
 
-  def carried(meta_params):
+  def carried_inner(meta_params):
     return ReptileParams(jax.tree.map(lambda _: False, meta_params.model),
                          jax.tree.map(lambda _: True,
                                       meta_params.inner_state))
 
-  return make_learner(init, adapt, evaluate, meta_grad,
-                      carried if carry_inner_state else None)
+  carried = carried_inner if carry_inner_state else None
+  if stateful:
+    carried = with_model_state(carried)
+  return make_learner(init, adapt, evaluate, meta_grad, carried, predict,
+                      model.transductive)

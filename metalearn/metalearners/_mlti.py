@@ -6,6 +6,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from metalearn import models
 from metalearn.metalearners._base import MetaLearner, MixedLabels
 from metalearn.models import Model
 from metalearn.tasks import TaskSampler
@@ -104,7 +105,9 @@ def feature_mixing(
       with each input; one outside ``mix_layers`` mixes nothing.
 
   Returns:
-    A :class:`~metalearn.models.Model` with the same ``init`` and params.
+    A :class:`~metalearn.models.Model` with the same ``init`` and params
+    (and state: with ``norm="running"`` a mixed task's running statistics
+    move with its own inputs ``x``, in training only).
 
   Raises:
     ValueError: if ``model.layers`` is ``None`` or a layer is out of range.
@@ -135,7 +138,18 @@ def feature_mixing(
         other = stage(params, other)
     return h
 
-  return Model(model.init, apply, model.layers)
+  if not models.has_state(model):
+    return model._replace(apply=apply)
+
+  def apply_with_state(params, state, x, training):
+    if not isinstance(x, MixedInputs):
+      return model.apply_with_state(params, state, x, training)
+    # A mixed task's running statistics move with its own (unmixed)
+    # inputs; its outputs are the mix's, with batch statistics.
+    return apply(params, x), model.apply_with_state(params, state, x.x,
+                                                    training)[1]
+
+  return model._replace(apply=apply, apply_with_state=apply_with_state)
 
 
 def _mix_points(model: Model, mix_layers) -> tuple[int, ...]:
@@ -448,7 +462,7 @@ def mlti(
     )
     return base.meta_grad(meta_params, mixed, base_key)
 
-  return MetaLearner(init, base.adapt, base.evaluate, meta_grad, base.carried)
+  return base._replace(init=init, meta_grad=meta_grad)
 
 
 def _check_mlti(mix, prob, alpha, beta, mix_layers, fixed_lambda):

@@ -4,7 +4,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metalearn.metalearners._base import MetaLearner, make_learner
+from metalearn import models
+from metalearn.metalearners._base import (
+    MetaLearner,
+    WithModelState,
+    make_learner,
+    state_step,
+    with_model_state,
+)
 from metalearn.models import Model
 from metalearn.types import Episode
 
@@ -47,6 +54,22 @@ def protonet(embed: Model) -> MetaLearner:
   prototypes, so it works for any number of ways: the number of classes is
   read from the labels, bounded by the support size.
 
+  Meta-training embeds the support and query sets in one batch, as Snell
+  et al.'s code does, so batch normalisation sees one set of statistics
+  per episode. At meta-test (``adapt``, ``evaluate``, ``predict``) the
+  embedding's normalisation decides what a query's logits depend on:
+
+  - ``norm="running"`` (Snell et al.'s test): the running statistics kept
+    during meta-training (the carried :class:`WithModelState`, moved once
+    per task by the joint support-and-query batch) normalise every image
+    alone, so a query's logits depend on that query and the support set
+    only;
+  - ``norm="transductive"``: the support and query sets are embedded in
+    one batch, as in training, and each query's embedding depends on the
+    other queries of its episode (declared by ``transductive=True``);
+    ``predict`` normalises the inputs it is given as one batch;
+  - ``norm="none"``: no normalisation.
+
   Args:
     embed: the embedding network (``conv4(None)`` in Snell et al.).
 
@@ -63,7 +86,7 @@ def protonet(embed: Model) -> MetaLearner:
     >>> s = tasks.episode_sampler(pool, num_ways=3, num_shots=1,
     ...                           num_queries=2)
     >>> ep = s.sample(jax.random.key(0), pool)
-    >>> learner = protonet(models.conv4(None))
+    >>> learner = protonet(models.conv4(None, norm="running"))
     >>> params = learner.init(jax.random.key(1), ep)
     >>> loss, metrics = learner.evaluate(
     ...     params, learner.adapt(params, ep, None), ep)
@@ -74,24 +97,74 @@ def protonet(embed: Model) -> MetaLearner:
     Snell, Swersky & Zemel, `Prototypical Networks for Few-shot Learning
     <https://arxiv.org/abs/1703.05175>`_, 2017.
   """
+  stateful = models.has_state(embed)
+
+  def split(meta_params):
+    if stateful:
+      return meta_params.params, meta_params.model_state
+    return meta_params, None
 
   def init(key, episode: Episode):
-    return embed.init(key, episode.support_x)
+    params = embed.init(key, episode.support_x)
+    if not stateful:
+      return params
+    return WithModelState(params, embed.init_state(key, episode.support_x))
+
+  def embed_episode(params, state, episode: Episode, training: bool):
+    """Support and query embeddings, from one batch when the statistics
+    are the batch's (training, or transductive test)."""
+    n = episode.support_x.shape[0]
+    if stateful and not training:
+      run = models.bind(embed, state)
+      return (run.apply(params, episode.support_x),
+              run.apply(params, episode.query_x), state)
+    x = jnp.concatenate([episode.support_x, episode.query_x])
+    z, state = models.forward(embed, params, state, x, training=True)
+    return z[:n], z[n:], state
+
+  def classify(task_params, z):
+    protos, present = task_params
+    logits = -squared_distances(z, protos)
+    return jnp.where(present[None, :], logits, -jnp.inf)
+
+  def score(task_params, z, labels):
+    logits = classify(task_params, z)
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits, labels).mean()
+    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return loss, {"outer/loss": loss, "outer/accuracy": acc}
 
   def adapt(meta_params, episode: Episode, key, training: bool = True):
     del key, training
-    z = embed.apply(meta_params, episode.support_x)
+    params, state = split(meta_params)
+    z, _, _ = embed_episode(params, state, episode, False)
     return prototypes(z, episode.support_y, episode.support_y.shape[-1])
 
   def evaluate(meta_params, task_params, episode: Episode):
-    protos, present = task_params
-    z = embed.apply(meta_params, episode.query_x)
-    logits = -squared_distances(z, protos)
-    logits = jnp.where(present[None, :], logits, -jnp.inf)
-    loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits, episode.query_y
-    ).mean()
-    acc = jnp.mean(jnp.argmax(logits, -1) == episode.query_y)
-    return loss, {"outer/loss": loss, "outer/accuracy": acc}
+    params, state = split(meta_params)
+    _, z, _ = embed_episode(params, state, episode, False)
+    return score(task_params, z, episode.query_y)
 
-  return make_learner(init, adapt, evaluate)
+  def predict(meta_params, task_params, x):
+    params, state = split(meta_params)
+    return classify(task_params, models.bind(embed, state).apply(params, x))
+
+  def meta_grad(meta_params, episode: Episode, key):
+    del key
+    params, state = split(meta_params)
+
+    def loss_fn(params):
+      zs, zq, new = embed_episode(params, state, episode, True)
+      task_params = prototypes(zs, episode.support_y,
+                               episode.support_y.shape[-1])
+      loss, metrics = score(task_params, zq, episode.query_y)
+      return loss, (metrics, new)
+
+    grads, (metrics, new) = jax.grad(loss_fn, has_aux=True)(params)
+    if stateful:
+      grads = WithModelState(grads, state_step(state, new))
+    return grads, metrics
+
+  return make_learner(init, adapt, evaluate, meta_grad,
+                      with_model_state() if stateful else None, predict,
+                      embed.transductive)

@@ -26,29 +26,68 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
 
 class BatchNorm(nn.Module):
-  """Normalisation with the statistics of the current batch, always.
+  """Batch normalisation for meta-learning, transductive or with running
+  statistics.
 
-  This is BatchNorm as Finn et al.'s MAML uses it: no running averages, the
-  batch statistics of the data at hand are used in training and at test
-  time alike. Under ``jax.vmap`` over tasks each task is normalised with its
-  own statistics (per-task batch statistics), which keeps a task's
-  prediction independent of the other tasks in the meta-batch. Only the
-  scale and offset are parameters, so the model stays a pure function of
-  its params and adapts in the inner loop like any other layer.
+  By default (``running=False``) this is BatchNorm as Finn et al.'s MAML
+  uses it: no running averages, the statistics of the data at hand are
+  used in training and at test time alike. Under ``jax.vmap`` over tasks
+  each task is normalised with its own statistics (per-task batch
+  statistics), which keeps a task's prediction independent of the other
+  tasks in the meta-batch; but a query's prediction depends on the other
+  queries normalised with it (transductive).
 
-  Note that queries are normalised with the statistics of the query batch
-  (transductive), as in the MAML reference implementation.
+  With ``running=True`` the layer also keeps running estimates of the mean
+  and variance in the ``"batch_stats"`` collection. With ``train=True`` it
+  normalises with the batch statistics and, when ``"batch_stats"`` is
+  mutable, moves the running estimates towards them by ``1 - momentum``
+  (flax's and PyTorch's convention); with ``train=False`` it normalises
+  with the running estimates alone, so each input's output depends on that
+  input only (Snell et al.'s and most libraries' test-time behaviour).
+  Only the scale and offset are parameters.
   """
 
   epsilon: float = 1e-5
+  momentum: float = 0.9
+  running: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     features = x.shape[-1]
     axes = tuple(range(x.ndim - 1))
-    mean = x.mean(axes)
-    var = jnp.square(x - mean).mean(axes)
+    # The running estimates exist from init on; a training forward that
+    # cannot update them (a layer-by-layer stage) need not see them.
+    stored = self.running and (
+        not train or self.is_mutable_collection("batch_stats"))
+    if stored:
+      ra_mean = self.variable("batch_stats", "mean", jnp.zeros,
+                              (features,), jnp.float32)
+      ra_var = self.variable("batch_stats", "var", jnp.ones,
+                             (features,), jnp.float32)
+    if self.running and not train:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      mean = x.mean(axes)
+      var = jnp.square(x - mean).mean(axes)
+      if stored and not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = (m * ra_mean.value
+                         + (1 - m) * jax.lax.stop_gradient(mean))
+        ra_var.value = (m * ra_var.value
+                        + (1 - m) * jax.lax.stop_gradient(var))
     y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
     scale = self.param("scale", nn.initializers.ones, (features,))
     bias = self.param("bias", nn.initializers.zeros, (features,))
     return y * scale + bias
+
+
+def norm_layer(norm: str, x: jax.Array, train: bool) -> jax.Array:
+  """Applies the normalisation ``norm`` names (inside a compact module).
+
+  ``"transductive"``: :class:`BatchNorm` with batch statistics;
+  ``"running"``: :class:`BatchNorm` with running statistics; ``"none"``:
+  the identity.
+  """
+  if norm == "none":
+    return x
+  return BatchNorm(running=norm == "running")(x, train)

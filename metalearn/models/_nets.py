@@ -6,9 +6,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from metalearn.models._base import Model, from_flax
+from metalearn.models._base import Model, check_norm, from_flax
 from metalearn.models._conv import conv2d
-from metalearn.models._layers import BatchNorm, max_pool_2x2
+from metalearn.models._layers import max_pool_2x2, norm_layer
 
 _DOWNSAMPLE = ("max_pool", "stride")
 _READOUT = ("mean", "flatten")
@@ -62,13 +62,14 @@ def _global_average(x: jax.Array) -> jax.Array:
 
 
 class ConvBlock(nn.Module):
-  """3x3 convolution, per-batch BatchNorm, ReLU, then 2x downsampling."""
+  """3x3 convolution, BatchNorm (``norm``), ReLU, then 2x downsampling."""
 
   features: int
   downsample: str = "max_pool"
+  norm: str = "transductive"
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     stride = 2 if self.downsample == "stride" else 1
     x = nn.Conv(
         self.features,
@@ -77,7 +78,7 @@ class ConvBlock(nn.Module):
         padding="SAME",
         conv_general_dilated=conv2d,
     )(x)
-    x = nn.relu(BatchNorm()(x))
+    x = nn.relu(norm_layer(self.norm, x, train))
     if self.downsample == "max_pool":
       x = max_pool_2x2(x)
     return x
@@ -97,17 +98,21 @@ class Conv4(nn.Module):
     readout: ``None`` (as ``downsample`` says), ``"mean"`` (average the last
       map over space) or ``"flatten"`` (Nichol et al.'s Reptile network:
       stride-2 convolutions, the last 2x2 map flattened).
+    norm: ``"transductive"``, ``"running"`` or ``"none"`` (see
+      :func:`conv4`).
   """
 
   num_outputs: int | None
   features: int = 64
   downsample: str = "max_pool"
   readout: str | None = None
+  norm: str = "transductive"
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     for i in range(4):
-      x = ConvBlock(self.features, self.downsample, name=f"block{i}")(x)
+      x = ConvBlock(self.features, self.downsample, self.norm,
+                    name=f"block{i}")(x, train)
     x = _conv4_pool(x, self.downsample, self.readout)
     if self.num_outputs is not None:
       x = nn.Dense(self.num_outputs, name="head")(x)
@@ -120,6 +125,7 @@ def conv4(
     features: int = 64,
     downsample: str = "max_pool",
     readout: str | None = None,
+    norm: str = "transductive",
 ) -> Model:
   """Conv-4 as a pure :class:`Model`.
 
@@ -135,10 +141,18 @@ def conv4(
     readout: how the last feature map becomes a vector: ``"mean"`` over
       space or ``"flatten"``; ``None`` averages after ``"stride"`` and
       flattens after ``"max_pool"``.
+    norm: the batch normalisation of each block. ``"transductive"``
+      (default): the statistics of the batch at hand, in training and at
+      test, as Finn et al.'s code (a query's output depends on the other
+      queries normalised with it). ``"running"``: batch statistics in
+      training, running statistics kept as the model's state (updated from
+      the training batches) and used alone at meta-test, as Snell et al.
+      and most libraries. ``"none"``: no normalisation.
 
   Returns:
     The model; params are ``{"block0".."block3", "head"}``. Its
     ``layers`` are the four blocks and the readout (pooling and head).
+    With ``norm="running"`` it has state (:func:`~metalearn.models.forward`).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -156,15 +170,26 @@ def conv4(
         f"downsample must be one of {_DOWNSAMPLE}, got {downsample!r}"
     )
   _check_readout(readout)
+  check_norm(norm)
   if num_outputs is not None and num_outputs < 1:
     raise ValueError(f"num_outputs must be >= 1 or None, got {num_outputs}")
+  if not isinstance(features, int) or features < 1:
+    raise ValueError(f"features must be an int >= 1, got {features!r}")
   blocks = [
-      _stage(ConvBlock(features, downsample), f"block{i}") for i in range(4)
+      _stage(ConvBlock(features, downsample, norm), f"block{i}")
+      for i in range(4)
   ]
   last = _readout(lambda x: _conv4_pool(x, downsample, readout),
                   num_outputs)
-  return from_flax(Conv4(num_outputs, features, downsample,
-                         readout))._replace(layers=(*blocks, last))
+  return _from_module(Conv4(num_outputs, features, downsample, readout,
+                            norm), norm)._replace(layers=(*blocks, last))
+
+
+def _from_module(module: nn.Module, norm: str) -> Model:
+  """A model of ours as a :class:`Model`, with state for running norm."""
+  return from_flax(module,
+                   train_arg="train" if norm == "running" else None,
+                   transductive=norm == "transductive")
 
 
 class MLP(nn.Module):
@@ -211,12 +236,13 @@ class ResBlock(nn.Module):
   """ResNet-12 block: three 3x3 convs, a 1x1 shortcut, 2x2 max-pooling."""
 
   features: int
+  norm: str = "transductive"
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    shortcut = BatchNorm()(nn.Conv(
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    shortcut = norm_layer(self.norm, nn.Conv(
         self.features, (1, 1), use_bias=False, conv_general_dilated=conv2d
-    )(x))
+    )(x), train)
     for i in range(3):
       x = nn.Conv(
           self.features,
@@ -225,7 +251,7 @@ class ResBlock(nn.Module):
           use_bias=False,
           conv_general_dilated=conv2d,
       )(x)
-      x = BatchNorm()(x)
+      x = norm_layer(self.norm, x, train)
       if i < 2:
         x = nn.leaky_relu(x, 0.1)
     return max_pool_2x2(nn.leaky_relu(x + shortcut, 0.1))
@@ -236,11 +262,12 @@ class ResNet12(nn.Module):
 
   num_outputs: int | None
   widths: Sequence[int] = (64, 160, 320, 640)
+  norm: str = "transductive"
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     for i, width in enumerate(self.widths):
-      x = ResBlock(width, name=f"block{i}")(x)
+      x = ResBlock(width, self.norm, name=f"block{i}")(x, train)
     x = _global_average(x)
     if self.num_outputs is not None:
       x = nn.Dense(self.num_outputs, name="head")(x)
@@ -250,6 +277,7 @@ class ResNet12(nn.Module):
 def resnet12(
     num_outputs: int | None = None,
     widths: Sequence[int] = (64, 160, 320, 640),
+    norm: str = "transductive",
 ) -> Model:
   """ResNet-12 for Mini-ImageNet as a pure :class:`Model`.
 
@@ -257,6 +285,8 @@ def resnet12(
     num_outputs: classes of the linear head, or ``None`` for an embedding
       (640 features after global average pooling).
     widths: channels of the four residual blocks.
+    norm: ``"transductive"``, ``"running"`` or ``"none"``, as in
+      :func:`conv4`.
 
   Returns:
     The model; its ``layers`` are the four blocks and the readout.
@@ -265,7 +295,10 @@ def resnet12(
     Oreshkin, Rodriguez & Lacoste, `TADAM: Task dependent adaptive metric
     for improved few-shot learning <https://arxiv.org/abs/1805.10123>`_, 2018.
   """
-  blocks = [_stage(ResBlock(w), f"block{i}") for i, w in enumerate(widths)]
-  return from_flax(ResNet12(num_outputs, tuple(widths)))._replace(
+  check_norm(norm)
+  blocks = [_stage(ResBlock(w, norm), f"block{i}")
+            for i, w in enumerate(widths)]
+  return _from_module(ResNet12(num_outputs, tuple(widths), norm),
+                      norm)._replace(
       layers=(*blocks, _readout(_global_average, num_outputs))
   )
