@@ -183,7 +183,8 @@ def cutmix(
 
   Args:
     key: the box position; the same key gives the same box for images of
-      the same size (support and query of a task).
+      the same size (:func:`interpolate_tasks` passes one key per set, or
+      one for both sets with ``shared_box=True``).
     x: images ``[..., H, W, C]``.
     other: images of the same shape.
     lam: the intended weight of ``x``.
@@ -241,10 +242,15 @@ def interpolate_tasks(
     mix: str = "features",
     layer: jax.typing.ArrayLike = 0,
     label_sharing: bool = False,
+    shared_box: bool = False,
 ) -> Episode:
   r"""One task interpolated from two, with weight ``lam`` on ``episode``.
 
-  Support and query are mixed with the same ``lam`` and pairing.
+  Support and query are mixed with the same ``lam`` and pairing; with
+  ``mix="cutmix"`` each set gets its own box, as in the authors' code
+  (``shared_box=True``: one box for both). ``partner`` may be ``episode``
+  itself: its classes are then paired with a random permutation of its own
+  classes (a class-shuffled copy of the task, the authors' self-mixing).
 
   Without label sharing (classification where a label names a different
   class in every task), the classes are paired by a random permutation
@@ -265,6 +271,8 @@ def interpolate_tasks(
       mixed by :func:`cutmix` (mixed labels then use its effective weight).
     layer: the mixing layer for ``"features"`` (may be traced).
     label_sharing: whether the tasks share their label space.
+    shared_box: ``"cutmix"`` only: paste one box into the support and the
+      query images (this library's first variant) instead of one box each.
 
   Returns:
     The interpolated :class:`~metalearn.types.Episode`.
@@ -298,12 +306,14 @@ def interpolate_tasks(
   lam = jnp.asarray(lam, jnp.float32)
   score_key, support_key, query_key, box_key = jax.random.split(key, 4)
   scores = jax.random.permutation(score_key, episode.support_y.shape[0])
+  # With a shared box both sets use box_key, as before the option existed.
+  boxes = (box_key, box_key) if shared_box else jax.random.split(box_key)
 
-  def one(x, y, x_other, y_other, k):
+  def one(x, y, x_other, y_other, k, k_box):
     idx = _pairing(k, y, y_other, label_sharing, scores)
     x_other, y_other = x_other[idx], y_other[idx]
     if mix == "cutmix":
-      x, weight = cutmix(box_key, x, x_other, lam)
+      x, weight = cutmix(k_box, x, x_other, lam)
     else:
       x = MixedInputs(x, x_other, lam, jnp.asarray(layer, jnp.int32))
       weight = lam
@@ -314,9 +324,11 @@ def interpolate_tasks(
     return x, weight * y + (1.0 - weight) * y_other
 
   support_x, support_y = one(episode.support_x, episode.support_y,
-                             partner.support_x, partner.support_y, support_key)
+                             partner.support_x, partner.support_y,
+                             support_key, boxes[0])
   query_x, query_y = one(episode.query_x, episode.query_y,
-                         partner.query_x, partner.query_y, query_key)
+                         partner.query_x, partner.query_y, query_key,
+                         boxes[1])
   return Episode(support_x, support_y, query_x, query_y)
 
 
@@ -326,7 +338,9 @@ def mlti(
     sampler: TaskSampler | None = None,
     *,
     mix: str = "features",
-    prob: float = 0.5,
+    prob: float = 1.0,
+    self_mix_prob: float = 0.5,
+    shared_box: bool = False,
     alpha: float = 2.0,
     beta: float | None = None,
     mix_layers: Sequence[int] | None = None,
@@ -335,10 +349,14 @@ def mlti(
 ) -> MetaLearner:
   r"""Task interpolation (MLTI) around any meta-learner.
 
-  With probability ``prob``, each meta-training task :math:`\tau_i` is
-  replaced by an interpolation with a partner task :math:`\tau_j`: with
-  :math:`\lambda \sim \mathrm{Beta}(\alpha, \beta)` (one per task pair, the
-  same for support and query) and the classes of the two tasks paired by a
+  By default, as in the authors' code, every meta-training task
+  :math:`\tau_i` is replaced by an interpolation with a partner task: with
+  probability ``self_mix_prob`` the partner is :math:`\tau_i` itself with
+  its classes shuffled (class :math:`k` is mixed with class :math:`\pi(k)`
+  of the same episode for a random permutation :math:`\pi`, which may fix
+  some classes), otherwise another task :math:`\tau_j`. With
+  :math:`\lambda \sim \mathrm{Beta}(\alpha, \beta)` (one per task, the same
+  for support and query) and the classes of the two tasks paired by a
   random permutation,
 
   .. math::
@@ -347,12 +365,29 @@ def mlti(
   at a layer :math:`l` drawn uniformly from ``mix_layers`` per task, and the
   model continues from :math:`h^{mix}` (``mix="features"``, the paper's
   choice for MAML, and manifold mixup for ProtoNet); or the images are
-  mixed by CutMix (``mix="cutmix"``, as the authors' ProtoNet code does).
+  mixed by CutMix (``mix="cutmix"``, as the authors' ProtoNet code does),
+  with one box for the support images and another for the query images.
   Each mixed class pair is a new class (``label_sharing=False``); when the
   tasks share their label space the labels are mixed too
   (:func:`interpolate_tasks`). The wrapped learner then computes its usual
   meta-gradient on the interpolated task; meta-test ``adapt`` and
   ``evaluate`` are the wrapped learner's, on plain episodes.
+
+  Variants: ``prob < 1`` leaves a task unmixed with probability
+  ``1 - prob``. This library's first variant, where half of the tasks stay
+  unmixed, the partner is always another task and CutMix pastes one box
+  into both sets, is ``prob=0.5, self_mix_prob=0.0, shared_box=True``.
+  The defaults follow the authors' released code, which is ProtoNet's
+  (``ProtoNet/Image_NLS``; their MAML code is unreleased); their
+  RainbowMNIST code mixes a quarter of the tasks with themselves
+  (``self_mix_prob=0.25``). Their ProtoNet code also embeds the
+  mixed support and query sets in one batch (one set of batch statistics
+  per episode); :func:`~metalearn.metalearners.protonet` already does so
+  in meta-training, so this wrapper adds nothing for it. Two details
+  differ from their CutMix: they paste the task's box into the partner's
+  image (here the partner's box goes into the task's image, equivalent in
+  distribution for a symmetric Beta up to clipping at the border), and
+  their box sides are rounded down to even numbers.
 
   Design: the trainer maps ``meta_grad`` over tasks, one episode and one
   key at a time, so the partner must reach it per task. It comes either
@@ -364,24 +399,34 @@ def mlti(
   compiled step as a constant (about 3 MB for 50 Omniglot characters with
   rotations, 150 MB for Mini-ImageNet-S at 84 px, which slows compilation);
   or (b) from an :class:`EpisodePair` when training on
-  ``paired_sampler(sampler)``, which keeps the pool a step argument. The
-  wrapper takes a learner *factory* rather than a built learner because
-  feature mixing happens inside the network: it builds the learner on
-  :func:`feature_mixing` of ``model``, so the learner cannot be built on the
-  wrong model, and any learner that passes its inputs to its model (MAML,
-  ANIL, Meta-SGD, Reptile, ProtoNet) works unchanged. Tasks left unmixed
-  go through the same program with :math:`\lambda = 1`, which reproduces
-  the wrapped learner.
+  ``paired_sampler(sampler)``, which keeps the pool a step argument. A
+  task mixed with itself ignores the partner drawn for it (the choice is a
+  traced select, so one program serves both). The wrapper takes a learner
+  *factory* rather than a built learner because feature mixing happens
+  inside the network: it builds the learner on :func:`feature_mixing` of
+  ``model``, so the learner cannot be built on the wrong model, and any
+  learner that passes its inputs to its model (MAML, ANIL, Meta-SGD,
+  Reptile, ProtoNet) works unchanged. Tasks left unmixed go through the
+  same program with :math:`\lambda = 1`, which reproduces the wrapped
+  learner (so does ``fixed_lambda=1.0``, whatever the partner).
 
   Args:
     learner_fn: builds the wrapped learner from a model, e.g.
       ``functools.partial(maml, inner_lr=0.4)`` or ``protonet``.
     model: the network (with ``layers`` for ``mix="features"``).
     sampler: the meta-training task distribution that partners are drawn
-      from; may be ``None`` if training uses ``paired_sampler``.
+      from; may be ``None`` if training uses ``paired_sampler`` or if
+      ``self_mix_prob=1``.
     mix: ``"features"`` or ``"cutmix"``.
-    prob: the probability that a task is interpolated (the authors' code
-      uses 0.5).
+    prob: the probability that a task is interpolated (1 in the authors'
+      code; 0.5 in this library's first variant).
+    self_mix_prob: the probability that an interpolated task's partner is
+      the task itself with its classes shuffled rather than another task
+      (0.5 in the authors' Image_NLS code, 0.25 in their RainbowMNIST code;
+      0 in this library's first variant). With ``label_sharing=True`` the
+      self-partner's rows are paired at random (mixup within the task).
+    shared_box: ``"cutmix"`` only: one box for the support and the query
+      images of a task (this library's first variant) instead of one each.
     alpha: the first Beta parameter (2 in the authors' code).
     beta: the second Beta parameter (default ``alpha``).
     mix_layers: candidate layers for ``"features"`` (0 = inputs; default:
@@ -395,6 +440,13 @@ def mlti(
   Returns:
     A :class:`MetaLearner`. Its ``init`` and ``meta_grad`` accept an
     :class:`~metalearn.types.Episode` or an :class:`EpisodePair`.
+
+  Raises:
+    ValueError: for a ``mix`` outside ``MIX_MODES``, a probability or
+      ``fixed_lambda`` outside ``[0, 1]``, a Beta parameter that is not
+      positive, ``mix_layers`` or ``shared_box=True`` without the mix they
+      apply to, or a ``learner_fn`` that does not return a
+      :class:`MetaLearner`.
 
   Examples:
     >>> import functools, jax, numpy as np
@@ -412,12 +464,22 @@ def mlti(
     >>> sorted(metrics)
     ['outer/accuracy', 'outer/loss']
 
+    The first variant (half of the tasks unmixed, partners always other
+    tasks, one CutMix box per task):
+
+    >>> first = mlti(metalearners.protonet, models.conv4(None, features=8),
+    ...              sampler, mix="cutmix", prob=0.5, self_mix_prob=0.0,
+    ...              shared_box=True)
+
   References:
     Yao, Zhang & Finn, `Meta-Learning with Fewer Tasks through Task
-    Interpolation <https://arxiv.org/abs/2106.02695>`_, 2022.
+    Interpolation <https://arxiv.org/abs/2106.02695>`_, 2022; the authors'
+    code, https://github.com/huaxiuyao/MLTI (``ProtoNet/*/main.py``,
+    ``protonet.py``).
   """
   beta = alpha if beta is None else beta
-  _check_mlti(mix, prob, alpha, beta, mix_layers, fixed_lambda)
+  _check_mlti(mix, prob, self_mix_prob, shared_box, alpha, beta, mix_layers,
+              fixed_lambda)
   if mix == "features":
     points = _mix_points(model, mix_layers)
     base = learner_fn(feature_mixing(model, points))
@@ -437,6 +499,8 @@ def mlti(
   def partner_of(episode, key):
     if isinstance(episode, EpisodePair):
       return episode
+    if self_mix_prob == 1.0:
+      return EpisodePair(episode, episode)
     if sampler is None:
       raise ValueError(
           "mlti was built with sampler=None, so meta_grad needs an "
@@ -448,6 +512,13 @@ def mlti(
     partner_key, mix_key, base_key = jax.random.split(key, 3)
     episode, partner = partner_of(episode, partner_key)
     on_key, lam_key, layer_key, pair_key = jax.random.split(mix_key, 4)
+    # Folded in rather than split, so that self_mix_prob=0 draws the same
+    # numbers as before the option existed.
+    self_key = jax.random.fold_in(mix_key, 1)
+    if self_mix_prob > 0.0:
+      itself = jax.random.bernoulli(self_key, self_mix_prob)
+      partner = jax.tree.map(lambda a, b: jnp.where(itself, a, b), episode,
+                             partner)
     if fixed_lambda is None:
       lam = jax.random.beta(lam_key, alpha, beta)
     else:
@@ -458,21 +529,26 @@ def mlti(
     ]
     mixed = interpolate_tasks(
         episode, partner, lam, key=pair_key, mix=mix, layer=layer,
-        label_sharing=label_sharing,
+        label_sharing=label_sharing, shared_box=shared_box,
     )
     return base.meta_grad(meta_params, mixed, base_key)
 
   return base._replace(init=init, meta_grad=meta_grad)
 
 
-def _check_mlti(mix, prob, alpha, beta, mix_layers, fixed_lambda):
+def _check_mlti(mix, prob, self_mix_prob, shared_box, alpha, beta,
+                mix_layers, fixed_lambda):
   if mix not in MIX_MODES:
     raise ValueError(f"mix must be one of {MIX_MODES}, got {mix!r}")
   if not 0.0 <= prob <= 1.0:
     raise ValueError(f"prob must be in [0, 1], got {prob}")
+  if not 0.0 <= self_mix_prob <= 1.0:
+    raise ValueError(f"self_mix_prob must be in [0, 1], got {self_mix_prob}")
   if not (alpha > 0 and beta > 0):
     raise ValueError(f"alpha and beta must be > 0, got {alpha}, {beta}")
   if mix_layers is not None and mix != "features":
     raise ValueError("mix_layers applies only to mix='features'")
+  if shared_box and mix != "cutmix":
+    raise ValueError("shared_box=True applies only to mix='cutmix'")
   if fixed_lambda is not None and not 0.0 <= fixed_lambda <= 1.0:
     raise ValueError(f"fixed_lambda must be in [0, 1], got {fixed_lambda}")

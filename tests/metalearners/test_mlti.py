@@ -272,9 +272,12 @@ def test_lambda_one_reproduces_the_wrapped_learner(name):
   model, sampler = make_model(), make_sampler()
   base = learner_fn(model)
   always = metalearners.mlti(learner_fn, model, sampler, prob=1.0,
-                             fixed_lambda=1.0, **kwargs)
+                             self_mix_prob=0.0, fixed_lambda=1.0, **kwargs)
+  itself = metalearners.mlti(learner_fn, model, sampler, prob=1.0,
+                             self_mix_prob=1.0, fixed_lambda=1.0, **kwargs)
   never = metalearners.mlti(learner_fn, model, sampler, prob=0.0, **kwargs)
-  mixed = metalearners.mlti(learner_fn, model, sampler, prob=1.0, **kwargs)
+  mixed = metalearners.mlti(learner_fn, model, sampler, prob=1.0,
+                            self_mix_prob=0.0, **kwargs)
   episode = sampler.sample(jax.random.key(0), sampler.data)
   params = always.init(jax.random.key(1), episode)
   chex.assert_trees_all_equal(params, base.init(jax.random.key(1), episode))
@@ -290,15 +293,15 @@ def test_lambda_one_reproduces_the_wrapped_learner(name):
   def grads(params):
     return [
         learner.meta_grad(params, episode, key)
-        for learner in (base, always, never, mixed)
+        for learner in (base, always, itself, never, mixed)
     ]
 
   reference, *wrapped = grads(params)
-  for out in wrapped[:2]:
+  for out in wrapped[:3]:
     chex.assert_trees_all_close(out, reference, rtol=1e-6, atol=1e-7)
-  chex.assert_tree_all_finite(wrapped[2])
+  chex.assert_tree_all_finite(wrapped[3])
   difference = jax.tree.map(lambda a, b: jnp.abs(a - b).max(),
-                            wrapped[2][0], reference[0])
+                            wrapped[3][0], reference[0])
   assert max(jax.tree.leaves(difference)) > 1e-4, "mixing changed nothing"
 
 
@@ -328,16 +331,22 @@ def _probe(model):
   def meta_grad(params, episode, key):
     del key
     x = episode.support_x
-    return params, {"lam": x.lam, "layer": x.layer}
+    if not isinstance(x, MixedInputs):  # CutMix: the mixed images.
+      return params, {"support_x": x, "query_x": episode.query_x}
+    return params, {"lam": x.lam, "layer": x.layer, "x": x.x,
+                    "other": x.other, "query_x": episode.query_x.x,
+                    "query_other": episode.query_x.other,
+                    "support_y": episode.support_y,
+                    "query_y": episode.query_y}
 
   return MetaLearner(lambda k, e: jnp.zeros(()), None, None, meta_grad)
 
 
 def test_lambda_is_beta_distributed_and_tasks_mixed_with_prob():
-  sampler = _vector_sampler()
+  sampler = _marked_sampler()
   learner = metalearners.mlti(_probe, models.mlp(1, hidden=(4, 4)), sampler,
-                              prob=0.6, alpha=2.0, beta=5.0,
-                              mix_layers=(1, 2))
+                              prob=0.6, self_mix_prob=0.0, alpha=2.0,
+                              beta=5.0, mix_layers=(1, 2))
   episode = sampler.sample(jax.random.key(0), None)
   keys = jax.random.split(jax.random.key(1), 4000)
   _, out = jax.jit(jax.vmap(learner.meta_grad, (None, None, 0)))(
@@ -349,6 +358,134 @@ def test_lambda_is_beta_distributed_and_tasks_mixed_with_prob():
   assert lam[mixed].mean() == pytest.approx(2 / 7, abs=0.01)  # Beta mean.
   assert set(np.unique(layer)) == {1, 2}
   assert (layer == 1).mean() == pytest.approx(0.5, abs=0.03)
+  # self_mix_prob=0: the partner is always another task.
+  assert not _is_self(out).any()
+
+
+def _marked_sampler() -> tasks.TaskSampler:
+  """Tasks whose inputs encode (task, class, shot): 100 t + 10 c + s.
+
+  Exact in float32: t < 10**5.
+  """
+
+  def part(y, mark):
+    return (mark + 10 * y + _shot_index(y)).astype(jnp.float32)[:, None]
+
+  def sample(key, data):
+    del data
+    episode = _vector_episode(key)
+    mark = 100.0 * jax.random.randint(jax.random.fold_in(key, 7), (), 1,
+                                      10**5)
+    return episode._replace(support_x=part(episode.support_y, mark),
+                            query_x=part(episode.query_y, mark))
+
+  return tasks.TaskSampler(sample, None)
+
+
+def _is_self(out):
+  """Per task: whether its partner rows come from the task itself."""
+  task = np.asarray(out["x"][..., 0]) // 100
+  other = np.asarray(out["other"][..., 0]) // 100
+  return (task == other).all(-1)
+
+
+def test_defaults_mix_every_task_half_with_itself():
+  sampler = _marked_sampler()
+  learner = metalearners.mlti(_probe, models.mlp(1, hidden=(4, 4)), sampler)
+  keys = jax.random.split(jax.random.key(1), 2000)
+  # Each task of the "batch" is its own episode, as the trainer maps them.
+  episodes = jax.vmap(sampler.sample, (0, None))(keys, None)
+  _, out = jax.jit(jax.vmap(learner.meta_grad, (None, 0, 0)))(
+      jnp.zeros(()), episodes, jax.random.split(jax.random.key(2), 2000)
+  )
+  lam = np.asarray(out["lam"])
+  assert (lam < 1.0).all() and (lam > 0.0).all(), "a task left unmixed"
+  assert lam.mean() == pytest.approx(0.5, abs=0.02)  # Beta(2, 2).
+  itself = _is_self(out)
+  assert itself.mean() == pytest.approx(0.5, abs=0.04)
+  other = np.asarray(out["other"][..., 0]) // 100
+  task = np.asarray(out["x"][..., 0]) // 100
+  assert (other[~itself] != task[~itself]).all()
+
+
+def test_self_mixing_partner_is_the_task_with_classes_shuffled():
+  sampler = _marked_sampler()
+  model = models.mlp(1, hidden=(4, 4))
+  learner = metalearners.mlti(_probe, model, sampler, self_mix_prob=1.0)
+  episode = sampler.sample(jax.random.key(0), None)
+  keys = jax.random.split(jax.random.key(1), 20)
+  _, out = jax.jit(jax.vmap(learner.meta_grad, (None, None, 0)))(
+      jnp.zeros(()), episode, keys
+  )
+  assert _is_self(out).all()
+  perms = set()
+  for i in range(len(keys)):
+    # The task's own rows and labels, unchanged.
+    np.testing.assert_array_equal(out["x"][i], episode.support_x)
+    np.testing.assert_array_equal(out["support_y"][i], episode.support_y)
+    np.testing.assert_array_equal(out["query_y"][i], episode.query_y)
+    mapping = []
+    for x, other in ((out["x"][i], out["other"][i]),
+                     (out["query_x"][i], out["query_other"][i])):
+      task_cls, task_shot = np.divmod(np.asarray(x[:, 0]) % 100, 10)
+      other_cls, other_shot = np.divmod(np.asarray(other[:, 0]) % 100, 10)
+      np.testing.assert_array_equal(task_shot, other_shot)
+      perm = {}
+      for c, o in zip(task_cls, other_cls, strict=True):
+        assert perm.setdefault(c, o) == o, "a class paired with two classes"
+      assert sorted(perm.values()) == list(range(NUM_WAYS))
+      mapping.append(tuple(perm[c] for c in range(NUM_WAYS)))
+    assert mapping[0] == mapping[1], "support and query paired differently"
+    perms.add(mapping[0])
+  assert len(perms) > 2, "the classes are not shuffled"
+  # No other task is needed: sampler=None works without pairs.
+  alone = metalearners.mlti(_probe, model, None, self_mix_prob=1.0)
+  _, again = alone.meta_grad(jnp.zeros(()), episode, keys[0])
+  assert _is_self(jax.tree.map(lambda a: a[None], again)).all()
+
+
+def _valued_image_sampler(size=6) -> tasks.TaskSampler:
+  """Tasks of constant images, each row its own value, each task its own."""
+
+  def sample(key, data):
+    del data
+    episode = _vector_episode(key, shuffle=False)
+    base = jax.random.uniform(key, (), minval=1.0, maxval=2.0)
+
+    def images(n, offset):
+      value = base + 10.0 * (offset + jnp.arange(n, dtype=jnp.float32))
+      return jnp.broadcast_to(value[:, None, None, None], (n, size, size, 1))
+
+    return episode._replace(
+        support_x=images(episode.support_y.shape[0], 0),
+        query_x=images(episode.query_y.shape[0], 100),
+    )
+
+  return tasks.TaskSampler(sample, None)
+
+
+@pytest.mark.parametrize("shared_box", [False, True],
+                         ids=["separate", "shared"])
+def test_cutmix_boxes_for_support_and_query(shared_box):
+  sampler = _valued_image_sampler()
+  learner = metalearners.mlti(_probe, _flat_mlp(), sampler, mix="cutmix",
+                              self_mix_prob=0.0, shared_box=shared_box)
+  episode = sampler.sample(jax.random.key(0), None)
+  keys = jax.random.split(jax.random.key(1), 10)
+  _, out = jax.jit(jax.vmap(learner.meta_grad, (None, None, 0)))(
+      jnp.zeros(()), episode, keys
+  )
+  support = np.asarray(out["support_x"] != episode.support_x)[..., 0]
+  query = np.asarray(out["query_x"] != episode.query_x)[..., 0]
+  # One box for all the images of a set.
+  assert (support == support[:, :1]).all() and (query == query[:, :1]).all()
+  support, query = support[:, 0], query[:, 0]
+  assert support.any() and query.any(), "no box pasted"
+  same = [(s == q).all() for s, q in zip(support, query, strict=True)]
+  if shared_box:
+    assert all(same)
+  else:
+    assert not all(same), "support and query share their boxes"
 
 
 def test_partner_from_an_episode_pair():
@@ -391,6 +528,34 @@ def test_trains_on_a_paired_sampler_and_evaluates_plain_episodes():
   assert 0.0 <= result["outer/accuracy"] <= 1.0
 
 
+
+def test_first_variant_leaves_tasks_unmixed():
+  """prob=0.5, self_mix_prob=0, shared_box=True: the first variant."""
+  sampler = _image_sampler()
+  model = _flat_mlp()
+  base = metalearners.protonet(model)
+  first = metalearners.mlti(metalearners.protonet, model, sampler,
+                            mix="cutmix", prob=0.5, self_mix_prob=0.0,
+                            shared_box=True)
+  episode = sampler.sample(jax.random.key(0), sampler.data)
+  params = first.init(jax.random.key(1), episode)
+  keys = jax.random.split(jax.random.key(2), 16)
+  grads, reference = jax.jit(
+      lambda p: (jax.vmap(first.meta_grad, (None, None, 0))(p, episode,
+                                                            keys)[0],
+                 base.meta_grad(p, episode, keys[0])[0])
+  )(params)
+  chex.assert_tree_all_finite(grads)
+  # An unmixed task's gradient is the wrapped learner's.
+  unmixed = np.array([
+      all(np.allclose(g[i], r, rtol=1e-5, atol=1e-6)
+          for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference),
+                          strict=True))
+      for i in range(len(keys))
+  ])
+  assert 0 < unmixed.sum() < len(keys)
+
+
 @pytest.mark.parametrize(
     "kwargs,field",
     [
@@ -399,6 +564,8 @@ def test_trains_on_a_paired_sampler_and_evaluates_plain_episodes():
         ({"alpha": 0.0}, "alpha"),
         ({"fixed_lambda": -0.1}, "fixed_lambda"),
         ({"mix": "cutmix", "mix_layers": (0,)}, "mix_layers"),
+        ({"self_mix_prob": -0.5}, "self_mix_prob"),
+        ({"shared_box": True}, "shared_box"),
     ],
 )
 def test_bad_arguments_name_the_field(kwargs, field):
