@@ -10,10 +10,14 @@ the per-seed 95% confidence intervals over the 600 episodes, and the
 spread over seeds, as JSON and as a markdown table.
 
 The character subset is fixed (``--subset-seed``); each seed changes the
-initialisation and the training episodes. MLTI follows the authors'
-defaults (each task interpolated with probability 0.5, lambda ~ Beta(2, 2));
-MAML mixes hidden features at a random layer, ProtoNet uses CutMix
-(``--protonet-mix features`` for manifold mixup).
+initialisation and the training episodes. MLTI follows the authors' code
+by default (every task interpolated, half of them with a class-shuffled
+copy of themselves, lambda ~ Beta(2, 2), separate CutMix boxes for support
+and query); ``--prob 0.5 --self-mix-prob 0 --shared-box`` is the earlier
+variant. MAML mixes hidden features at a random layer, ProtoNet uses CutMix
+(``--protonet-mix features`` for manifold mixup). ProtoNet's embedding
+keeps running batch-norm statistics (``--protonet-norm``), MAML's
+classifier normalises transductively (Finn et al.).
 
 Usage:
   python benchmarks/mlti_fewtask.py --out results/mlti_fewtask.json
@@ -57,7 +61,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--meta-lr", type=float, default=1e-3)
   p.add_argument("--train-queries", type=int, default=5)
   p.add_argument("--episodes", type=int, default=600, help="test episodes")
-  p.add_argument("--prob", type=float, default=0.5, help="MLTI mixing prob")
+  p.add_argument("--prob", type=float, default=1.0, help="MLTI mixing prob")
+  p.add_argument("--self-mix-prob", type=float, default=0.5,
+                 help="MLTI: probability that a task mixes with itself")
+  p.add_argument("--shared-box", action="store_true",
+                 help="MLTI CutMix: one box for support and query")
+  p.add_argument("--protonet-norm", default="running",
+                 help="ProtoNet embedding's batch norm (models.NORMS)")
   p.add_argument("--alpha", type=float, default=2.0, help="Beta(a, a)")
   p.add_argument("--protonet-mix", default="cutmix",
                  choices=("cutmix", "features"))
@@ -84,16 +94,19 @@ def make_learner(method: str, args, sampler):
       eval_num_inner_steps=3, first_order=args.first_order,
   )
   mlti = functools.partial(metalearners.mlti, sampler=sampler,
-                           prob=args.prob, alpha=args.alpha)
+                           prob=args.prob, alpha=args.alpha,
+                           self_mix_prob=args.self_mix_prob)
   classifier = models.conv4(5, features=args.features, downsample="stride")
-  embedding = models.conv4(None, features=args.features)
+  embedding = models.conv4(None, features=args.features,
+                           norm=args.protonet_norm)
   if method == "maml":
     return maml(classifier)
   if method == "maml+mlti":
     return mlti(maml, classifier, mix="features")
   if method == "protonet":
     return metalearners.protonet(embedding)
-  return mlti(metalearners.protonet, embedding, mix=args.protonet_mix)
+  box = {"shared_box": args.shared_box} if args.protonet_mix == "cutmix" else {}
+  return mlti(metalearners.protonet, embedding, mix=args.protonet_mix, **box)
 
 
 def run_one(method, seed, args, train, test) -> dict:

@@ -113,12 +113,16 @@ def protonet(embed: Model) -> MetaLearner:
   def embed_episode(params, state, episode: Episode, training: bool):
     """Support and query embeddings, from one batch when the statistics
     are the batch's (training, or transductive test)."""
-    n = episode.support_x.shape[0]
+    n = jax.tree.leaves(episode.support_x)[0].shape[0]
     if stateful and not training:
       run = models.bind(embed, state)
       return (run.apply(params, episode.support_x),
               run.apply(params, episode.query_x), state)
-    x = jnp.concatenate([episode.support_x, episode.query_x])
+    # Inputs may be pytrees (MLTI's MixedInputs): rows are joined, a task's
+    # scalars (its mixing weight and layer) are the support's.
+    x = jax.tree.map(
+        lambda s, q: jnp.concatenate([s, q]) if jnp.ndim(s) else s,
+        episode.support_x, episode.query_x)
     z, state = models.forward(embed, params, state, x, training=True)
     return z[:n], z[n:], state
 

@@ -131,10 +131,11 @@ LEARNERS_UNDER_TEST: tuple[LearnerCase, ...] = (
     ),
     LearnerCase(
         "reptile_running",
+        # Plain SGD: Adam would blow the rounding noise of the zero
+        # gradients of convolution biases before batch norm up to full
+        # steps, which differ between the task maps.
         lambda: metalearners.reptile(
-            _running(), num_inner_steps=2,
-            inner_optimizer=optax.adam(1e-3, b1=0.0),
-            inner_batch_size=2,
+            _running(), 0.1, num_inner_steps=2, inner_batch_size=2,
         ),
         "omniglot",
     ),
