@@ -147,6 +147,16 @@ def maml(
   ``first_order=True`` stops the gradient through the inner gradients,
   which drops the Hessian term (first-order MAML).
 
+  Batch norm follows the model's ``norm``. With ``"transductive"`` (Finn
+  et al.'s code) every forward pass, at meta-test too, uses the statistics
+  of the batch at hand. With ``"running"`` the meta-parameters are
+  :class:`WithModelState`: in meta-training each inner step on the
+  support set and then the query pass use batch statistics and move the
+  running statistics in that order (the meta-step keeps the tasks' mean);
+  meta-test adaptation and evaluation use the stored statistics alone and
+  leave them unchanged (:func:`adaptation_learner`). ANIL and Meta-SGD do
+  the same.
+
   Args:
     model: the network; its output size is the number of ways.
     inner_lr: the inner step size :math:`\alpha` during meta-training.
@@ -385,6 +395,12 @@ def reptile(
       sets it to the tasks' mean final state (:attr:`MetaLearner.carried`),
       the batched form of their one-task-after-another loop. Meta-test
       adaptation starts from it and leaves it unchanged.
+
+  With a model of ``norm="running"`` the meta-parameters are
+  :class:`WithModelState`: the inner steps of meta-training use batch
+  statistics and move the running statistics (the query set, scored only
+  for the metrics, does not); meta-test adaptation and evaluation use the
+  stored statistics alone.
 
   Returns:
     A :class:`MetaLearner`; its metrics score the adapted weights on the
