@@ -169,9 +169,9 @@ def meta_lstm(
   Deviations from the paper (a simplified but faithful variant): no first
   LSTM layer before the gates, no input batch normalisation, and the inner
   loop takes full-batch steps on the support set for a fixed number of
-  steps; the model's BatchNorm uses the statistics of the batch it is
-  given (per-task batch statistics, transductive at test time, as the
-  paper's learner does).
+  steps; the model's batch norm follows its ``norm`` (``"transductive"``:
+  the statistics of the batch it is given, at test too; ``"running"``: as
+  :func:`learned_optimizer_learner`).
 
   Args:
     model: the network, e.g. ``models.conv4(num_ways)``.
