@@ -47,6 +47,16 @@ class MetaLearner(NamedTuple):
       Every built-in learner on a model with ``norm="running"`` or
       ``"none"`` is not: replacing the other queries leaves a query's
       outputs bit-identical (the conformance suite checks it).
+    train_sampler: ``None``, or ``train_sampler(sampler) -> sampler``: how
+      the learner draws its meta-training tasks from a task sampler (MLTI
+      draws pairs, :func:`~metalearn.metalearners.paired_sampler`). Runs
+      apply it to the training sampler; validation and test use plain
+      episodes.
+    head: whether the model ends in a classification head with one output
+      per way (the MAML family): its output size must equal the number of
+      ways, in meta-training and at test. Embedding learners (ProtoNet)
+      take any number of ways. Runs check it against the task before
+      loading data.
 
   All are traced once per shape and run under ``jit`` and ``vmap``.
   The trainer (:func:`metalearn.training.make_meta_step`) maps ``meta_grad``
@@ -60,6 +70,8 @@ class MetaLearner(NamedTuple):
   carried: Callable[[PyTree], PyTree] | None = None
   predict: Callable[[PyTree, PyTree, jax.Array], jax.Array] | None = None
   transductive: bool = False
+  train_sampler: Callable[[Any], Any] | None = None
+  head: bool = False
 
 
 def default_meta_grad(adapt, evaluate):
@@ -86,8 +98,11 @@ def default_meta_grad(adapt, evaluate):
 
 def make_learner(init, adapt, evaluate, meta_grad=None,
                  carried=None, predict=None,
-                 transductive=False) -> MetaLearner:
+                 transductive=False, *, train_sampler=None,
+                 head=False) -> MetaLearner:
   """Assembles a :class:`MetaLearner`, filling in the default ``meta_grad``.
+
+  Arguments are the fields of :class:`MetaLearner`.
 
   Examples:
     A learner that never adapts, trained by the standard loop:
@@ -107,7 +122,7 @@ def make_learner(init, adapt, evaluate, meta_grad=None,
   if meta_grad is None:
     meta_grad = default_meta_grad(adapt, evaluate)
   return MetaLearner(init, adapt, evaluate, meta_grad, carried, predict,
-                     transductive)
+                     transductive, train_sampler, head)
 
 
 class MixedLabels(NamedTuple):
@@ -276,4 +291,4 @@ def adaptation_learner(
   return make_learner(init, adapt, evaluate,
                       meta_grad if stateful else None,
                       with_model_state() if stateful else None,
-                      predict, model.transductive)
+                      predict, model.transductive, head=True)

@@ -497,4 +497,4 @@ def reptile(
   if stateful:
     carried = with_model_state(carried)
   return make_learner(init, adapt, evaluate, meta_grad, carried, predict,
-                      model.transductive)
+                      model.transductive, head=True)

@@ -533,7 +533,10 @@ def mlti(
     )
     return base.meta_grad(meta_params, mixed, base_key)
 
-  return base._replace(init=init, meta_grad=meta_grad)
+  # Without a sampler of its own, the learner trains on pairs of tasks.
+  return base._replace(
+      init=init, meta_grad=meta_grad,
+      train_sampler=paired_sampler if sampler is None else None)
 
 
 def _check_mlti(mix, prob, self_mix_prob, shared_box, alpha, beta,
