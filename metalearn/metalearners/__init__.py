@@ -18,15 +18,13 @@ from metalearn.metalearners._maml import (
     metasgd,
     reptile,
 )
-from metalearn.metalearners._mlti import (
-    EpisodePair,
+from metalearn.metalearners._mixing import (
     MixedInputs,
     cutmix,
     feature_mixing,
     interpolate_tasks,
-    mlti,
-    paired_sampler,
 )
+from metalearn.metalearners._mlti import EpisodePair, mlti, paired_sampler
 from metalearn.metalearners._protonet import (
     protonet,
     prototypes,
