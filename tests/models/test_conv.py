@@ -162,8 +162,9 @@ def test_large_kernels_equal_lax_to_second_order(
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU only")
 def test_second_order_maml_has_no_reversed_convolutions():
   # XLA swaps the operands of a convolution whose kernel outgrows its
-  # input, leaving a window reversal that XLA:CPU runs several times slower
-  # (benchmarks/README.md, section 3). conv2d swaps those itself.
+  # input, leaving a window reversal that XLA:CPU runs slower (MAML k=5
+  # 1.49x faster without it: benchmarks/README.md, throughput.py section).
+  # conv2d swaps those itself.
   net = models.conv4(5, features=8, downsample="max_pool")
   x, y = jnp.ones((5, 28, 28, 1)), jnp.arange(5)
   params = net.init(jax.random.key(0), x)
