@@ -39,11 +39,15 @@ class DataChecksumError(ValueError):
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """Returns the data directory: the argument, else ``$METALEARN_DATA_DIR``.
 
-  Falls back to ``~/metalearn_data`` when neither is set.
+  Falls back to ``~/metalearn_data`` when neither is set. The path comes
+  back absolute: a relative one is taken relative to the working directory
+  of the process that reads it (for a Jupyter kernel, the notebook's
+  folder), and the messages of :class:`DatasetNotFoundError` show the
+  absolute path that was tried.
   """
   if data_dir is None:
     data_dir = os.environ.get(DATA_DIR_ENV, _DEFAULT_DATA_DIR)
-  return pathlib.Path(data_dir).expanduser()
+  return pathlib.Path(data_dir).expanduser().absolute()
 
 
 def resolve_cache_dir(

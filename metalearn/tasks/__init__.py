@@ -1,17 +1,41 @@
-"""Task distributions: pure, jittable episode samplers."""
+"""Task distributions: pure, jittable episode samplers, and tasksets."""
 
+# Importing _datasets registers the built-in datasets.
+from metalearn.tasks import _datasets as _datasets
 from metalearn.tasks._episodes import (
     TaskSampler,
+    TasksetArgumentError,
     episode_sampler,
     sample_batch,
     sample_episode,
     validate_episode_request,
 )
 from metalearn.tasks._sinusoid import sample_sinusoid, sinusoid_sampler
+from metalearn.tasks._tasksets import (
+    POOL_OPTIONS,
+    DatasetEntry,
+    EpisodeShape,
+    Tasksets,
+    check_taskset_args,
+    dataset_options,
+    get_tasksets,
+    list_datasets,
+    register_dataset,
+)
 
 __all__ = (
+    "POOL_OPTIONS",
+    "DatasetEntry",
+    "EpisodeShape",
     "TaskSampler",
+    "TasksetArgumentError",
+    "Tasksets",
+    "check_taskset_args",
+    "dataset_options",
     "episode_sampler",
+    "get_tasksets",
+    "list_datasets",
+    "register_dataset",
     "sample_batch",
     "sample_episode",
     "sample_sinusoid",

@@ -133,6 +133,19 @@ def episode_sampler(
   return TaskSampler(sample=sample, data=pool)
 
 
+class TasksetArgumentError(ValueError):
+  """A bad argument of a task distribution; ``argument`` is its name.
+
+  The message names the argument too (``train_num_ways=30 exceeds ...``), so
+  a caller that maps arguments to its own names (a config's ``task.*``
+  fields) can read either.
+  """
+
+  def __init__(self, argument: str, message: str):
+    super().__init__(message)
+    self.argument = argument
+
+
 def validate_episode_request(
     *,
     num_classes: int,
@@ -140,26 +153,61 @@ def validate_episode_request(
     num_ways: int,
     num_shots: int,
     num_queries: int,
+    prefix: str = "",
+    split: str | None = None,
 ) -> None:
-  """Raises ``ValueError`` naming the field if an episode cannot be drawn."""
-  for name, value in (
-      ("num_ways", num_ways),
-      ("num_shots", num_shots),
-  ):
+  """Raises an error naming the argument if an episode cannot be drawn.
+
+  Args:
+    num_classes: classes in the pool.
+    examples_per_class: examples of each class in the pool.
+    num_ways: classes per episode.
+    num_shots: support examples per class.
+    num_queries: query examples per class.
+    prefix: put before the argument names in messages, e.g. ``"train_"``
+      for ``train_num_ways``.
+    split: names the pool in messages, e.g. ``"omniglot train"``; by
+      default "the pool".
+
+  Raises:
+    TasksetArgumentError: a ``ValueError`` whose ``argument`` is the
+      (prefixed) name of the first bad argument.
+
+  Examples:
+    >>> try:
+    ...   validate_episode_request(
+    ...       num_classes=3, examples_per_class=20, num_ways=5,
+    ...       num_shots=1, num_queries=15, prefix="train_", split="test")
+    ... except ValueError as e:
+    ...   print(e.argument)
+    ...   print(e)
+    train_num_ways
+    train_num_ways=5 exceeds the 3 classes in the test split
+  """
+  ways, shots, queries = (
+      f"{prefix}num_ways", f"{prefix}num_shots", f"{prefix}num_queries"
+  )
+  where = "the pool" if split is None else f"the {split} split"
+  for name, value in ((ways, num_ways), (shots, num_shots)):
     if not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
+      raise TasksetArgumentError(
+          name, f"{name} must be a positive int, got {value!r}"
+      )
   if not isinstance(num_queries, int) or num_queries < 0:
-    raise ValueError(
-        f"num_queries must be a non-negative int, got {num_queries!r}"
+    raise TasksetArgumentError(
+        queries,
+        f"{queries} must be a non-negative int, got {num_queries!r}",
     )
   if num_ways > num_classes:
-    raise ValueError(
-        f"num_ways={num_ways} exceeds the {num_classes} classes in the pool"
+    raise TasksetArgumentError(
+        ways,
+        f"{ways}={num_ways} exceeds the {num_classes} classes in {where}",
     )
   if num_shots + num_queries > examples_per_class:
-    raise ValueError(
-        f"num_shots + num_queries = {num_shots} + {num_queries} exceeds the "
-        f"{examples_per_class} examples per class in the pool"
+    raise TasksetArgumentError(
+        shots,
+        f"{shots} + {queries} = {num_shots} + {num_queries} exceeds the "
+        f"{examples_per_class} examples per class in {where}",
     )
 
 

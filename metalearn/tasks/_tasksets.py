@@ -1,0 +1,459 @@
+"""Tasksets: a dataset's meta-train, validation and test task samplers.
+
+:func:`get_tasksets` builds the three samplers from plain arguments, the one
+call that notebooks, benchmarks and the hydra layer share (learn2learn's
+``vision.benchmarks.get_tasksets`` and ``BenchmarkTasksets`` have the same
+shape). Datasets register themselves with :func:`register_dataset`; the
+built-in ones (``omniglot``, ``mini_imagenet``, ``sinusoid``) are registered
+in ``_datasets.py``. :func:`check_taskset_args` checks the same arguments
+without loading anything.
+"""
+
+import numbers
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from metalearn import data
+from metalearn.tasks._episodes import (
+    TaskSampler,
+    TasksetArgumentError,
+    episode_sampler,
+    validate_episode_request,
+)
+
+
+class Tasksets(NamedTuple):
+  """The meta-train, meta-validation and meta-test task distributions."""
+
+  train: TaskSampler
+  validation: TaskSampler
+  test: TaskSampler
+
+
+class EpisodeShape(NamedTuple):
+  """The size of one split's episodes (``num_ways`` is ``None`` for a
+  regression family)."""
+
+  num_ways: int | None
+  num_shots: int
+  num_queries: int
+
+
+class DatasetEntry(NamedTuple):
+  """How :func:`get_tasksets` builds one registered dataset's tasksets.
+
+  Attributes:
+    name: the name passed to :func:`get_tasksets`.
+    options: the dataset's own options and their defaults.
+    check: ``check(**options)``, or ``None``.
+    load_splits: for a dataset of class pools, ``load_splits(data_dir,
+      **options) -> metalearn.data.DatasetSplits``; else ``None``.
+    make_tasksets: for a procedural family, ``make_tasksets(train, test,
+      **options) -> Tasksets``; else ``None``.
+  """
+
+  name: str
+  options: Mapping[str, Any]
+  check: Callable[..., None] | None
+  load_splits: Callable[..., data.DatasetSplits] | None
+  make_tasksets: Callable[..., Tasksets] | None
+
+
+# Options of every class-pool dataset: which classes are meta-trained on.
+POOL_OPTIONS: Mapping[str, Any] = {
+    "train_splits": ("train",),
+    "train_classes": None,
+    "train_class_group": 1,
+    "train_class_seed": 0,
+}
+_ARGUMENTS = (
+    "dataset", "num_ways", "num_shots", "num_queries", "train_num_ways",
+    "train_num_shots", "train_num_queries", "data_dir",
+)
+_REGISTRY: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(
+    name: str,
+    *,
+    options: Mapping[str, Any] | None = None,
+    check: Callable[..., None] | None = None,
+    load_splits: Callable[..., data.DatasetSplits] | None = None,
+    make_tasksets: Callable[..., Tasksets] | None = None,
+    replace: bool = False,
+) -> None:
+  """Makes a dataset available to :func:`get_tasksets` under ``name``.
+
+  A dataset is one of two kinds, by which builder it gives:
+
+  - class pools (``load_splits``): ``load_splits(data_dir, **options)``
+    returns its train/val/test :class:`~metalearn.data.DatasetSplits`
+    (``data_dir`` an absolute path); :func:`get_tasksets` then draws N-way
+    K-shot episodes from them, and the dataset also takes the few-task
+    options of :data:`POOL_OPTIONS`;
+  - a procedural family (``make_tasksets``): ``make_tasksets(train, test,
+    **options)`` builds the :class:`Tasksets` from the
+    :class:`EpisodeShape` of meta-training and of validation and test
+    episodes; ``num_ways`` must then be ``None`` (regression).
+
+  Args:
+    name: the dataset's name.
+    options: its own options (keyword arguments of :func:`get_tasksets`)
+      and their defaults.
+    check: ``check(**options)``, called with every option (defaults filled
+      in) before anything is loaded; raises ``ValueError`` (ideally a
+      :class:`TasksetArgumentError`) naming the bad option.
+    load_splits: the loader of a class-pool dataset.
+    make_tasksets: the builder of a procedural family.
+    replace: allow replacing a registered dataset of the same name.
+
+  Raises:
+    ValueError: if the name is taken, if not exactly one builder is given,
+      or if an option has the name of an argument of :func:`get_tasksets`.
+
+  Examples:
+    >>> import numpy as np
+    >>> from metalearn import data
+    >>> from metalearn.types import ClassPool
+    >>> def load_blank(data_dir, *, size):
+    ...   pool = ClassPool(np.zeros((8, 4, size, size, 1), np.uint8),
+    ...                    np.arange(8, dtype=np.int32))
+    ...   return data.DatasetSplits(pool, pool, pool)
+    >>> register_dataset("blank", options={"size": 8},
+    ...                  load_splits=load_blank, replace=True)
+    >>> "blank" in list_datasets()
+    True
+    >>> ts = get_tasksets("blank", num_ways=2, num_shots=1, num_queries=3)
+    >>> ts.test.data.images.shape
+    (8, 4, 8, 8, 1)
+  """
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"a dataset name must be a non-empty str, got {name!r}")
+  if name in _REGISTRY and not replace:
+    raise ValueError(
+        f"dataset {name!r} is already registered (pass replace=True)"
+    )
+  if (load_splits is None) == (make_tasksets is None):
+    raise ValueError(
+        f"dataset {name!r}: give exactly one of load_splits (class pools) "
+        "and make_tasksets (a procedural family)"
+    )
+  options = dict(options or {})
+  reserved = set(_ARGUMENTS) | (set(POOL_OPTIONS) if load_splits else set())
+  clash = sorted(reserved & set(options))
+  if clash:
+    raise ValueError(
+        f"dataset {name!r}: options {clash} have the names of arguments "
+        "that get_tasksets already takes"
+    )
+  _REGISTRY[name] = DatasetEntry(
+      name, options, check, load_splits, make_tasksets
+  )
+
+
+def list_datasets() -> tuple[str, ...]:
+  """The names of the registered datasets, sorted.
+
+  Examples:
+    >>> {"mini_imagenet", "omniglot", "sinusoid"} <= set(list_datasets())
+    True
+  """
+  return tuple(sorted(_REGISTRY))
+
+
+def dataset_options(name: str) -> dict[str, Any]:
+  """Every option a registered dataset takes, with its default.
+
+  Examples:
+    >>> dataset_options("mini_imagenet")["image_size"]
+    84
+  """
+  entry = _entry(name)
+  pool = POOL_OPTIONS if entry.load_splits is not None else {}
+  return {**entry.options, **pool}
+
+
+def _entry(dataset: Any) -> DatasetEntry:
+  if not isinstance(dataset, str) or dataset not in _REGISTRY:
+    raise TasksetArgumentError(
+        "dataset",
+        f"dataset={dataset!r} is not registered; the registered datasets "
+        f"are {', '.join(list_datasets())}",
+    )
+  return _REGISTRY[dataset]
+
+
+def is_int(value: Any) -> bool:
+  """Whether ``value`` is an int and not a bool."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, low: int) -> None:
+  """Raises :class:`TasksetArgumentError` unless ``value`` is an int >=
+  ``low``."""
+  if not is_int(value) or value < low:
+    raise TasksetArgumentError(
+        name, f"{name} must be an int >= {low}, got {value!r}"
+    )
+
+
+class _Request(NamedTuple):
+  entry: DatasetEntry
+  train: EpisodeShape
+  test: EpisodeShape
+  options: dict[str, Any]
+
+
+def _resolve(dataset, sizes: dict[str, Any], options) -> _Request:
+  """Checks every argument; fills in the defaults.
+
+  ``sizes`` maps ``num_ways`` ... ``train_num_queries`` to their values.
+  """
+  entry = _entry(dataset)
+  known = dataset_options(dataset)
+  unknown = sorted(set(options) - set(known))
+  if unknown:
+    raise TasksetArgumentError(
+        unknown[0],
+        f"{unknown[0]} is not an option of dataset {dataset!r}; it takes "
+        f"{', '.join(sorted(known)) or 'none'}",
+    )
+  for name in ("num_shots", "num_queries"):
+    check_int(name, sizes[name], 1)
+  for name in ("train_num_shots", "train_num_queries"):
+    if sizes[name] is not None:
+      check_int(name, sizes[name], 1)
+  for name in ("num_ways", "train_num_ways"):
+    if entry.load_splits is None and sizes[name] is not None:
+      raise TasksetArgumentError(
+          name,
+          f"{name} must be None for {dataset!r}, a regression family "
+          f"without classes, got {sizes[name]!r}",
+      )
+    if entry.load_splits is not None and (
+        name == "num_ways" or sizes[name] is not None
+    ):
+      check_int(name, sizes[name], 1)
+  options = {**known, **options}
+  if entry.load_splits is not None:
+    _check_pool_options(**{k: options[k] for k in POOL_OPTIONS})
+  if entry.check is not None:
+    entry.check(**{k: options[k] for k in entry.options})
+  test = EpisodeShape(
+      sizes["num_ways"], sizes["num_shots"], sizes["num_queries"]
+  )
+  train = EpisodeShape(*(
+      value if sizes[f"train_{name}"] is None else sizes[f"train_{name}"]
+      for name, value in test._asdict().items()
+  ))
+  return _Request(entry, train, test, options)
+
+
+def _check_pool_options(
+    *, train_splits, train_classes, train_class_group, train_class_seed
+) -> None:
+  if (
+      not isinstance(train_splits, Sequence)
+      or isinstance(train_splits, str)
+      or not train_splits
+      or not set(train_splits) <= {"train", "val"}
+      or len(set(train_splits)) != len(train_splits)
+  ):
+    raise TasksetArgumentError(
+        "train_splits",
+        "train_splits must be a list of distinct splits among ['train', "
+        "'val'] (test classes are never meta-trained on), got "
+        f"{train_splits!r}",
+    )
+  if train_classes is not None:
+    check_int("train_classes", train_classes, 1)
+  check_int("train_class_group", train_class_group, 1)
+  check_int("train_class_seed", train_class_seed, 0)
+
+
+def _check_data_dir(data_dir: Any) -> None:
+  if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+    raise TasksetArgumentError(
+        "data_dir", f"data_dir must be a path or None, got {data_dir!r}"
+    )
+
+
+def check_taskset_args(
+    dataset: str,
+    *,
+    num_ways: int | None,
+    num_shots: int,
+    num_queries: int,
+    train_num_ways: int | None = None,
+    train_num_shots: int | None = None,
+    train_num_queries: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    **options: Any,
+) -> None:
+  """Checks the arguments of :func:`get_tasksets` without loading any data.
+
+  For validating a config before anything is loaded or compiled. What it
+  cannot know without the data (more ways than a split has classes, more
+  shots and queries than examples per class, more ``train_classes`` than
+  the training split holds) :func:`get_tasksets` checks after loading.
+
+  Raises:
+    TasksetArgumentError: a ``ValueError`` whose message starts with the
+      bad argument's name (kept in ``.argument``); an unknown dataset's
+      message lists the registered ones.
+
+  Examples:
+    >>> try:
+    ...   check_taskset_args("omniglot", num_ways=5, num_shots=1,
+    ...                      num_queries=15, image_size=2)
+    ... except ValueError as e:
+    ...   print(e)
+    image_size must be an int >= 4, got 2
+  """
+  _check_data_dir(data_dir)
+  sizes = dict(
+      num_ways=num_ways, num_shots=num_shots, num_queries=num_queries,
+      train_num_ways=train_num_ways, train_num_shots=train_num_shots,
+      train_num_queries=train_num_queries,
+  )
+  _resolve(dataset, sizes, options)
+
+
+def get_tasksets(
+    dataset: str,
+    *,
+    num_ways: int | None,
+    num_shots: int,
+    num_queries: int,
+    train_num_ways: int | None = None,
+    train_num_shots: int | None = None,
+    train_num_queries: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    **options: Any,
+) -> Tasksets:
+  """The train, validation and test task samplers of a dataset.
+
+  Validation and test episodes have ``num_ways`` classes, ``num_shots``
+  support and ``num_queries`` query examples per class; meta-training
+  episodes have ``train_num_ways``, ``train_num_shots`` and
+  ``train_num_queries``, each ``None`` for the same as the test's.
+
+  Datasets of class pools (:func:`list_datasets`: ``omniglot`` with
+  ``image_size=28``, ``split_scheme="vinyals"``, ``rotations=True``;
+  ``mini_imagenet`` with ``image_size=84``) are loaded from ``data_dir``,
+  else ``$METALEARN_DATA_DIR``, else ``~/metalearn_data``. They also take
+  the few-task options: ``train_splits=("train",)``, the splits whose
+  classes are meta-trained on (``("train", "val")`` as Snell et al.'s final
+  runs); ``train_classes=None``, or how many training classes (groups of
+  ``train_class_group`` consecutive classes, e.g. 4 for an Omniglot
+  character and its rotations) to keep, drawn with ``train_class_seed``
+  (:func:`metalearn.data.restrict_classes`). Procedural families
+  (``sinusoid``, with ``amplitude``, ``phase`` and ``x_range``) need
+  ``num_ways=None`` and load nothing; their validation and test samplers
+  are the same family (draw them with different keys).
+
+  Args:
+    dataset: a registered name (:func:`list_datasets`).
+    num_ways: classes per validation and test episode (``None`` for
+      regression).
+    num_shots: support examples per class.
+    num_queries: query examples per class.
+    train_num_ways: classes per meta-training episode.
+    train_num_shots: support examples per class in meta-training.
+    train_num_queries: query examples per class in meta-training.
+    data_dir: the data directory (a relative path is relative to the
+      working directory).
+    **options: the dataset's options (:func:`dataset_options`).
+
+  Returns:
+    :class:`Tasksets` ``(train, validation, test)`` of
+    :class:`TaskSampler`.
+
+  Raises:
+    TasksetArgumentError: a ``ValueError`` naming the bad argument, from
+      :func:`check_taskset_args`, or once the data are loaded if a split
+      cannot supply the episodes (naming the split too).
+    DatasetNotFoundError: if the data are not in the data directory; the
+      message shows the absolute path tried and what to put there.
+
+  Examples:
+    >>> import jax
+    >>> ts = get_tasksets("sinusoid", num_ways=None, num_shots=5,
+    ...                   num_queries=10)
+    >>> ts.train.sample(jax.random.key(0), ts.train.data).support_x.shape
+    (5, 1)
+    >>> ts = get_tasksets("omniglot", num_ways=5, num_shots=1,
+    ...                   num_queries=15)  # doctest: +SKIP
+    >>> ts.test.data.images.shape  # doctest: +SKIP
+    (1692, 20, 28, 28, 1)
+  """
+  _check_data_dir(data_dir)
+  sizes = dict(
+      num_ways=num_ways, num_shots=num_shots, num_queries=num_queries,
+      train_num_ways=train_num_ways, train_num_shots=train_num_shots,
+      train_num_queries=train_num_queries,
+  )
+  request = _resolve(dataset, sizes, options)
+  entry = request.entry
+  own = {k: request.options[k] for k in entry.options}
+  if entry.make_tasksets is not None:
+    return entry.make_tasksets(request.train, request.test, **own)
+  splits = entry.load_splits(data.resolve_data_dir(data_dir), **own)
+  return _pool_tasksets(
+      dataset, splits, request.train, request.test,
+      **{k: request.options[k] for k in POOL_OPTIONS},
+  )
+
+
+def _train_pool(dataset, splits, *, train_splits, train_classes,
+                train_class_group, train_class_seed):
+  """The meta-training classes: ``train_splits`` merged, then restricted."""
+  pool = data.merge_pools(*(getattr(splits, s) for s in train_splits))
+  if train_classes is None:
+    return pool
+  where = f"the {dataset} training split ({'+'.join(train_splits)})"
+  if pool.num_classes % train_class_group:
+    raise TasksetArgumentError(
+        "train_class_group",
+        f"train_class_group={train_class_group} does not divide the "
+        f"{pool.num_classes} classes of {where}",
+    )
+  groups = pool.num_classes // train_class_group
+  if train_classes > groups:
+    raise TasksetArgumentError(
+        "train_classes",
+        f"train_classes={train_classes} exceeds the {groups} groups of "
+        f"train_class_group={train_class_group} classes in {where}",
+    )
+  try:
+    return data.restrict_classes(
+        pool, train_classes, seed=train_class_seed,
+        group_size=train_class_group,
+    )
+  except ValueError as e:  # The class ids do not come in aligned groups.
+    raise TasksetArgumentError(
+        "train_class_group", f"train_class_group: {e} ({where})"
+    ) from e
+
+
+def _pool_tasksets(dataset, splits, train, test, **pool_options) -> Tasksets:
+  pools = {
+      "test": splits.test,
+      "validation": splits.val,
+      "train": _train_pool(dataset, splits, **pool_options),
+  }
+  samplers = {}
+  # Test and validation first: they read num_ways itself, which
+  # train_num_ways defaults to, so the error names what the user set.
+  for split in ("test", "validation", "train"):
+    shape, pool = (train if split == "train" else test), pools[split]
+    validate_episode_request(
+        num_classes=pool.num_classes,
+        examples_per_class=pool.examples_per_class,
+        **shape._asdict(),
+        prefix="train_" if split == "train" else "",
+        split=f"{dataset} {split}",
+    )
+    samplers[split] = episode_sampler(pool, **shape._asdict())
+  return Tasksets(**samplers)
