@@ -50,10 +50,12 @@ ESTIMATORS = ("pes", "tbptt")
 
 def build(cfg):
   """The task family and the learned optimiser."""
+  sinusoid = tasks.get_tasksets(
+      "sinusoid", num_ways=None, num_shots=cfg["num_shots"],
+      num_queries=cfg["num_queries"],
+  )
   family = lo.model_task_family(
-      models.mlp(hidden=cfg["hidden"]),
-      tasks.sinusoid_sampler(num_shots=cfg["num_shots"],
-                             num_queries=cfg["num_queries"]),
+      models.mlp(hidden=cfg["hidden"]), sinusoid.train,
       batch_size=cfg["batch_size"],
   )
   return family, lo.mlp_optimizer(step_mult=cfg["step_mult"])

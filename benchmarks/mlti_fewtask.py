@@ -41,7 +41,7 @@ import _harness
 import jax
 import optax
 
-from metalearn import data, metalearners, models, tasks, training
+from metalearn import metalearners, models, tasks, training
 
 METHODS = ("maml", "maml+mlti", "protonet", "protonet+mlti")
 
@@ -148,16 +148,16 @@ def summarize(runs: list[dict]) -> list[list]:
 
 def main(argv=None):
   args = parse_args(argv)
-  om = data.load_omniglot(args.data_dir, split_scheme="vinyals",
-                          rotations=not args.no_rotations)
-  few = data.restrict_classes(
-      om.train, args.num_chars, seed=args.subset_seed,
-      group_size=1 if args.no_rotations else 4,
+  tasksets = tasks.get_tasksets(
+      "omniglot", num_ways=5, num_shots=1, num_queries=15,
+      train_num_queries=args.train_queries, data_dir=args.data_dir,
+      image_size=28, split_scheme="vinyals",
+      rotations=not args.no_rotations, train_classes=args.num_chars,
+      train_class_group=1 if args.no_rotations else 4,
+      train_class_seed=args.subset_seed,
   )
-  train = tasks.episode_sampler(few, num_ways=5, num_shots=1,
-                                num_queries=args.train_queries)
-  test = tasks.episode_sampler(om.test, num_ways=5, num_shots=1,
-                               num_queries=15)
+  train, test = tasksets.train, tasksets.test
+  few = train.data
   runs = [run_one(m, s, args, train, test)
           for m in args.methods for s in args.seeds]
   table = _harness.markdown_table(

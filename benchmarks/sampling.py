@@ -2,7 +2,7 @@
 
 Both samplers draw ``--batch`` N-way K-shot episodes with ``--queries``
 queries per class from the real Omniglot meta-training pool (Vinyals split
-with rotations, 28x28, loaded once with ``metalearn.data.load_omniglot``)
+with rotations, 28x28, loaded once with ``metalearn.tasks.get_tasksets``)
 and return float32 images in ``[0, 1]`` with int32 labels:
 
 - device: ``jax.jit`` of ``tasks.sample_batch`` over the pool held on the
@@ -28,7 +28,7 @@ import _harness
 import jax
 import numpy as np
 
-from metalearn import data, tasks
+from metalearn import tasks
 from metalearn.types import Episode
 
 
@@ -53,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   for name in ("ways", "shots", "batch", "batches", "repeats"):
     if getattr(args, name) < 1:
       p.error(f"--{name} must be >= 1")
-  if args.queries < 0:
-    p.error("--queries must be >= 0")
+  if args.queries < 1:
+    p.error("--queries must be >= 1")
   return args
 
 
@@ -88,19 +88,22 @@ def host_batch(
   return Episode(*(np.stack(field) for field in zip(*episodes, strict=True)))
 
 
-def measure(args, pool) -> dict:
-  """Episodes/s of both samplers, interleaved repeat by repeat."""
+def measure(args, sampler: tasks.TaskSampler) -> dict:
+  """Episodes/s of both samplers, interleaved repeat by repeat.
+
+  ``sampler`` draws the device's episodes; the host loop reads a copy of
+  its pool.
+  """
   request = dict(num_ways=args.ways, num_shots=args.shots,
                  num_queries=args.queries)
-  device_pool = jax.device_put(pool)
-  sampler = tasks.episode_sampler(device_pool, **request)
+  device_pool = jax.device_put(sampler.data)
   batch = jax.jit(
       lambda key, d: tasks.sample_batch(sampler._replace(data=d), key,
                                         args.batch)
   )
   keys = list(jax.random.split(jax.random.key(args.seed),
                                args.batches * args.repeats))
-  host_images = np.asarray(pool.images)
+  host_images = np.asarray(device_pool.images)
   rng = np.random.default_rng(args.seed)
 
   def run_device(ks):
@@ -138,10 +141,13 @@ def measure(args, pool) -> dict:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  splits = data.load_omniglot(args.data_dir, device=False)
-  pool = splits.train
+  tasksets = tasks.get_tasksets(
+      "omniglot", num_ways=args.ways, num_shots=args.shots,
+      num_queries=args.queries, data_dir=args.data_dir, image_size=28,
+      split_scheme="vinyals", rotations=True)
+  pool = tasksets.train.data
   machine = _harness.machine_info()
-  result = measure(args, pool)
+  result = measure(args, tasksets.train)
   setting = (f"Omniglot {args.ways}-way {args.shots}-shot, {args.queries} "
              f"queries, batch {args.batch}")
   print(f"\n{setting}; pool {tuple(pool.images.shape)}; median of "
