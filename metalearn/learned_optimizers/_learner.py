@@ -5,10 +5,13 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from metalearn import models
 from metalearn.learned_optimizers._base import LearnedOptimizer
 from metalearn.learned_optimizers._meta_lstm import meta_lstm_optimizer
-from metalearn.metalearners import MetaLearner, adaptation_learner, task_loss
+from metalearn.metalearners import (
+    MetaLearner,
+    adaptation_learner,
+    inner_optimize,
+)
 from metalearn.models import Model
 from metalearn.types import Episode
 
@@ -35,7 +38,10 @@ def inner_loop(
 ) -> PyTree:
   """Runs ``num_steps`` of ``tx`` on one task's data, as a ``lax.scan``.
 
-  The loss is passed to ``tx.update`` as the ``value`` extra argument.
+  The loss is passed to ``tx.update`` as the ``value`` extra argument. A
+  thin wrapper over :func:`metalearn.metalearners.inner_optimize` (which
+  also masks parameters, mini-batches, threads a model's state and returns
+  the optimiser's state).
 
   Args:
     model: the network.
@@ -50,34 +56,8 @@ def inner_loop(
   Returns:
     The adapted parameters.
   """
-  return _inner_with_state(model, tx, params, None, x, y,
-                           num_steps=num_steps, first_order=first_order,
-                           training=True)[0]
-
-
-def _inner_with_state(model, tx, params, state, x, y, *, num_steps,
-                      first_order, training):
-  """:func:`inner_loop` threading the model's state through its forward
-  passes (``models.forward``); returns ``(params, state)``."""
-  tx = optax.with_extra_args_support(tx)
-
-  def loss_fn(params, state):
-    out, state = models.forward(model, params, state, x, training=training)
-    return task_loss(out, y, prefix="inner/")[0], state
-
-  def step(carry, _):
-    params, opt_state, state = carry
-    (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, state)
-    if first_order:
-      loss, grads = jax.lax.stop_gradient((loss, grads))
-    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
-    return (optax.apply_updates(params, updates), opt_state, state), None
-
-  (params, _, state), _ = jax.lax.scan(
-      step, (params, tx.init(params), state), None, length=num_steps
-  )
-  return params, state
+  return inner_optimize(model, tx, params, x, y, num_steps=num_steps,
+                        first_order=first_order).params
 
 
 def learned_optimizer_learner(
@@ -131,17 +111,17 @@ def learned_optimizer_learner(
         learned_optimizer.init(opt_key),
     )
 
-  def inner(params, run, state, episode: Episode, key, training: bool):
+  def inner(params, model_state, episode: Episode, key, training: bool):
     del key
-    return _inner_with_state(
-        run,
+    return inner_optimize(
+        model,
         learned_optimizer.opt_fn(params.theta),
         params.model,
-        state,
         episode.support_x,
         episode.support_y,
         num_steps=num_inner_steps if training else eval_num_inner_steps,
         first_order=first_order or not training,
+        model_state=model_state,
         training=training,
     )
 

@@ -9,15 +9,13 @@ from metalearn.metalearners._base import (
     make_learner,
     task_loss,
 )
-from metalearn.metalearners._maml import (
-    MetaSGDParams,
-    ReptileParams,
-    anil,
+from metalearn.metalearners._inner import (
+    InnerResult,
+    inner_optimize,
     inner_sgd,
-    maml,
-    metasgd,
-    reptile,
+    scale_by_rates,
 )
+from metalearn.metalearners._maml import MetaSGDParams, anil, maml, metasgd
 from metalearn.metalearners._mixing import (
     MixedInputs,
     cutmix,
@@ -30,9 +28,11 @@ from metalearn.metalearners._protonet import (
     prototypes,
     squared_distances,
 )
+from metalearn.metalearners._reptile import ReptileParams, reptile
 
 __all__ = (
     "EpisodePair",
+    "InnerResult",
     "MetaLearner",
     "MetaSGDParams",
     "MixedInputs",
@@ -44,6 +44,7 @@ __all__ = (
     "cutmix",
     "default_meta_grad",
     "feature_mixing",
+    "inner_optimize",
     "inner_sgd",
     "interpolate_tasks",
     "make_learner",
@@ -54,6 +55,7 @@ __all__ = (
     "protonet",
     "prototypes",
     "reptile",
+    "scale_by_rates",
     "squared_distances",
     "task_loss",
 )

@@ -222,7 +222,7 @@ def state_step(old: PyTree, new: PyTree) -> PyTree:
 def adaptation_learner(
     model: Model,
     init_params: Callable[[jax.Array, Episode], PyTree],
-    inner: Callable[..., tuple[PyTree, PyTree]],
+    inner: Callable[..., Any],
 ) -> MetaLearner:
   """A learner that adapts the model's parameters on the support set.
 
@@ -243,9 +243,11 @@ def adaptation_learner(
     model: the network.
     init_params: ``init_params(key, episode)`` -> the learner's parameters
       (without the model state).
-    inner: ``inner(params, model, state, episode, key, training) ->
-      (task_params, state)``, the inner loop from the learner's
-      parameters, running ``model`` with :func:`metalearn.models.forward`.
+    inner: ``inner(params, model_state, episode, key, training) ->``
+      :class:`~metalearn.metalearners.InnerResult`, the inner loop from
+      the learner's parameters on the support set
+      (:func:`~metalearn.metalearners.inner_optimize` with ``model``,
+      ``model_state`` and ``training``).
 
   Returns:
     The :class:`MetaLearner`.
@@ -265,8 +267,7 @@ def adaptation_learner(
 
   def adapt(meta_params, episode: Episode, key, training: bool = True):
     params, state = split(meta_params)
-    run = model if training else models.bind(model, state)
-    return inner(params, run, state, episode, key, training)[0]
+    return inner(params, state, episode, key, training).params
 
   def predict(meta_params, task_params, x):
     return models.bind(model, split(meta_params)[1]).apply(task_params, x)
@@ -279,9 +280,9 @@ def adaptation_learner(
     params, state = meta_params
 
     def outer(params):
-      adapted, new = inner(params, model, state, episode, key, True)
-      out, new = models.forward(model, adapted, new, episode.query_x,
-                                training=True)
+      adapted = inner(params, state, episode, key, True)
+      out, new = models.forward(model, adapted.params, adapted.model_state,
+                                episode.query_x, training=True)
       loss, metrics = task_loss(out, episode.query_y)
       return loss, (metrics, new)
 
