@@ -10,18 +10,17 @@ from metalearn.tasks._episodes import (
     sample_episode,
     validate_episode_request,
 )
-from metalearn.tasks._sinusoid import sample_sinusoid, sinusoid_sampler
-from metalearn.tasks._tasksets import (
+from metalearn.tasks._registry import (
     POOL_OPTIONS,
     DatasetEntry,
     EpisodeShape,
     Tasksets,
-    check_taskset_args,
     dataset_options,
-    get_tasksets,
     list_datasets,
     register_dataset,
 )
+from metalearn.tasks._sinusoid import sample_sinusoid, sinusoid_sampler
+from metalearn.tasks._tasksets import check_taskset_args, get_tasksets
 
 __all__ = (
     "POOL_OPTIONS",

@@ -12,13 +12,13 @@ from typing import Any
 
 from metalearn import data
 from metalearn.tasks._episodes import TasksetArgumentError
-from metalearn.tasks._sinusoid import sinusoid_sampler
-from metalearn.tasks._tasksets import (
+from metalearn.tasks._registry import (
     EpisodeShape,
     Tasksets,
     check_int,
     register_dataset,
 )
+from metalearn.tasks._sinusoid import sinusoid_sampler
 
 
 def _check_bool(name: str, value: Any) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 import metalearn
 from metalearn import data, tasks
-from metalearn.tasks import _tasksets
+from metalearn.tasks import _registry
 from metalearn.types import ClassPool
 
 # Mini-ImageNet classes per split (train, val, test) and images per class.
@@ -299,7 +299,7 @@ def test_missing_data_message_shows_the_absolute_path(
 @pytest.fixture
 def registry(monkeypatch):
   """A copy of the registry, restored after the test."""
-  monkeypatch.setattr(_tasksets, "_REGISTRY", dict(_tasksets._REGISTRY))
+  monkeypatch.setattr(_registry, "_REGISTRY", dict(_registry._REGISTRY))
 
 
 def test_register_a_class_pool_dataset(registry, tmp_path):
