@@ -51,21 +51,20 @@ def _resolve(dataset, sizes: dict[str, Any], options) -> _Request:
         f"{unknown[0]} is not an option of dataset {dataset!r}; it takes "
         f"{', '.join(sorted(known)) or 'none'}",
     )
+  if entry.load_splits is None:
+    for name in ("num_ways", "train_num_ways"):
+      if sizes[name] is not None:
+        raise TasksetArgumentError(
+            name,
+            f"{name} must be None for {dataset!r}, a regression family "
+            f"without classes, got {sizes[name]!r}",
+        )
+  else:
+    check_int("num_ways", sizes["num_ways"], 1)
   for name in ("num_shots", "num_queries"):
     check_int(name, sizes[name], 1)
-  for name in ("train_num_shots", "train_num_queries"):
+  for name in ("train_num_ways", "train_num_shots", "train_num_queries"):
     if sizes[name] is not None:
-      check_int(name, sizes[name], 1)
-  for name in ("num_ways", "train_num_ways"):
-    if entry.load_splits is None and sizes[name] is not None:
-      raise TasksetArgumentError(
-          name,
-          f"{name} must be None for {dataset!r}, a regression family "
-          f"without classes, got {sizes[name]!r}",
-      )
-    if entry.load_splits is not None and (
-        name == "num_ways" or sizes[name] is not None
-    ):
       check_int(name, sizes[name], 1)
   options = {**known, **options}
   if entry.load_splits is not None:
