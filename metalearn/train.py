@@ -26,12 +26,13 @@ from metalearn import experiment
 # app is started through the console script rather than `python -m`.
 CONFIG_DIR = str(pathlib.Path(__file__).resolve().parent.parent / "configs")
 
-# ${metalearn.direction:<trainer.objective>,<task.dataset>}: "maximize" or
-# "minimize", for a sweeper's direction (configs/hydra/sweeper/optuna_val).
+# ${metalearn.direction:<trainer.objective>,<task.num_ways>}: "maximize" or
+# "minimize", for a sweeper's direction (configs/hydra/sweeper/optuna_val);
+# a null task.num_ways is a regression task.
 OmegaConf.register_new_resolver(
     "metalearn.direction",
-    lambda objective, dataset: experiment.objective_metric(
-        objective, dataset)[1],
+    lambda objective, num_ways: experiment.objective_metric(
+        objective, regression=num_ways is None)[1],
     replace=True,
 )
 

@@ -1,7 +1,12 @@
-"""``import metalearn`` stays light: heavy optional dependencies load lazily."""
+"""Imports: ``import metalearn`` stays light (heavy optional dependencies
+load lazily), and the experiment modules import one another in layers."""
 
+import ast
+import pathlib
 import subprocess
 import sys
+
+import metalearn
 
 
 def test_import_does_not_load_tensorflow_hydra_or_wandb():
@@ -15,3 +20,51 @@ def test_import_does_not_load_tensorflow_hydra_or_wandb():
       [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
   )
   assert result.returncode == 0, result.stderr
+
+
+def _private_imports(path: pathlib.Path, package: str) -> set[str]:
+  """The modules of ``package`` that a module imports, lazily or not."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom) and node.level == 0:
+      if node.module == package:
+        found.update(alias.name for alias in node.names)
+      elif node.module and node.module.startswith(package + "."):
+        found.add(node.module.split(".")[2])
+    elif isinstance(node, ast.Import):
+      found.update(
+          alias.name.split(".")[2] for alias in node.names
+          if alias.name.startswith(package + ".")
+      )
+    elif isinstance(node, ast.ImportFrom):
+      raise AssertionError(f"{path}: relative import")
+  return found
+
+
+def test_experiment_modules_import_no_circle():
+  package = "metalearn.experiment"
+  folder = pathlib.Path(metalearn.__file__).parent / "experiment"
+  graph = {
+      path.stem: _private_imports(path, package) - {path.stem}
+      for path in folder.glob("_*.py") if path.stem != "__init__"
+  }
+  assert {"_checks", "_config", "_run", "_lopt"} <= set(graph)
+  done, path = set(), []
+
+  def visit(module):
+    if module in path:
+      circle = path[path.index(module):] + [module]
+      raise AssertionError("import circle: " + " -> ".join(circle))
+    if module in done or module not in graph:
+      return
+    path.append(module)
+    for imported in sorted(graph[module]):
+      visit(imported)
+    path.pop()
+    done.add(module)
+
+  for module in sorted(graph):
+    visit(module)
+  # Each kind of run stands alone; the entry point dispatches between them.
+  assert "_lopt" not in graph["_run"] and "_run" not in graph["_lopt"]
+

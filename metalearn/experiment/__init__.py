@@ -12,24 +12,25 @@ as :func:`run_experiment` for notebooks and tests:
 >>> run_experiment(cfg, "outputs/smoke")  # doctest: +SKIP
 """
 
-from metalearn.experiment._build import (
-    ConfigError,
-    Samplers,
-    build_learner,
-    build_optimizer,
-    build_samplers,
-    load_splits,
-    objective_metric,
-    run_name,
-    to_plain,
-    validate_config,
-)
+from metalearn.experiment._build import build_learner, build_optimizer
 from metalearn.experiment._checkpoint import (
     checkpoint_manager,
     load_checkpoint,
     restore_state,
     save_state,
 )
+from metalearn.experiment._checks import ConfigError, to_plain
+from metalearn.experiment._config import (
+    objective_metric,
+    run_name,
+    validate_config,
+)
+from metalearn.experiment._datasets import (
+    Samplers,
+    build_samplers,
+    load_splits,
+)
+from metalearn.experiment._hydra import run_hydra
 from metalearn.experiment._logging import (
     Logger,
     console_logger,
@@ -41,12 +42,8 @@ from metalearn.experiment._lopt import (
     run_learned_optimizer,
     validate_lopt_config,
 )
-from metalearn.experiment._run import (
-    evaluate_run,
-    read_metrics,
-    run_experiment,
-    run_hydra,
-)
+from metalearn.experiment._records import read_metrics
+from metalearn.experiment._run import evaluate_run, run_experiment
 
 __all__ = (
     "ConfigError",

@@ -20,7 +20,16 @@ import jax
 import optax
 
 from metalearn import learned_optimizers as lo
-from metalearn.experiment import _build, _checkpoint, _logging, _run
+from metalearn.experiment import (
+    _build,
+    _checkpoint,
+    _config,
+    _datasets,
+    _logging,
+    _records,
+)
+from metalearn.experiment import _checks as checks
+from metalearn.experiment._checks import ConfigError
 
 log = logging.getLogger("metalearn.experiment")
 
@@ -33,37 +42,36 @@ def validate_lopt_config(config: Mapping[str, Any]) -> dict[str, Any]:
   Raises:
     ConfigError: on the first bad field, naming it.
   """
-  cfg = _build.to_plain(config)
-  if not _build._is_int(_build._get(cfg, "seed")):
-    raise _build.ConfigError(f"seed must be an int, got {cfg['seed']!r}")
-  _build._validate_task(cfg)
+  cfg = checks.to_plain(config)
+  if not checks.is_int(checks.get(cfg, "seed")):
+    raise ConfigError(f"seed must be an int, got {cfg['seed']!r}")
+  _datasets.validate_task(cfg)
   for group in ("model", "learned_optimizer"):
-    _build._target(cfg, group)
-  _build._one_of(cfg, "outer.estimator", ESTIMATORS)
+    checks.target(cfg, group)
+  checks.one_of(cfg, "outer.estimator", ESTIMATORS)
   for field in ("horizon", "truncation", "num_steps", "steps_per_call",
                 "log_every", "pes_pairs", "tbptt_particles",
                 "checkpoint_every", "max_to_keep"):
-    _build._int_at_least(cfg, f"outer.{field}", 1)
-  _build._multiple_of(cfg, "outer.horizon", "outer.truncation")
-  _build._multiple_of(cfg, "outer.log_every", "outer.steps_per_call")
-  _build._multiple_of(cfg, "outer.num_steps", "outer.log_every")
-  _build._multiple_of(cfg, "outer.checkpoint_every", "outer.log_every")
-  _build._bool(cfg, "outer.resume")
+    checks.int_at_least(cfg, f"outer.{field}", 1)
+  checks.multiple_of(cfg, "outer.horizon", "outer.truncation")
+  checks.multiple_of(cfg, "outer.log_every", "outer.steps_per_call")
+  checks.multiple_of(cfg, "outer.num_steps", "outer.log_every")
+  checks.multiple_of(cfg, "outer.checkpoint_every", "outer.log_every")
+  checks.boolean(cfg, "outer.resume")
   for field in ("meta_lr", "sigma", "clip_norm"):
-    _build._positive_number(f"outer.{field}",
-                            _build._get(cfg, f"outer.{field}"))
-  batch = _build._get(cfg, "family.batch_size")
+    checks.positive_number(f"outer.{field}", checks.get(cfg, f"outer.{field}"))
+  batch = checks.get(cfg, "family.batch_size")
   if batch is not None:
-    _build._int_at_least(cfg, "family.batch_size", 1)
+    checks.int_at_least(cfg, "family.batch_size", 1)
   for field in ("tune_tasks", "eval_tasks"):
-    _build._int_at_least(cfg, f"eval.{field}", 1)
-  lrs = _build._get(cfg, "eval.learning_rates")
+    checks.int_at_least(cfg, f"eval.{field}", 1)
+  lrs = checks.get(cfg, "eval.learning_rates")
   if not isinstance(lrs, list) or not lrs:
-    raise _build.ConfigError(
+    raise ConfigError(
         f"eval.learning_rates must be a non-empty list, got {lrs!r}")
   for i, lr in enumerate(lrs):
-    _build._positive_number(f"eval.learning_rates[{i}]", lr)
-  _build._one_of(cfg, "logger.kind", _build.LOGGERS)
+    checks.positive_number(f"eval.learning_rates[{i}]", lr)
+  checks.one_of(cfg, "logger.kind", _config.LOGGERS)
   return cfg
 
 
@@ -134,13 +142,13 @@ def run_learned_optimizer(
   outer, ev = cfg["outer"], cfg["eval"]
   run_dir = pathlib.Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
-  samplers = _build.build_samplers(
-      cfg["task"], _build.load_splits(cfg["task"])
+  samplers = _datasets.build_samplers(
+      cfg["task"], _datasets.load_splits(cfg["task"])
   )
-  model = _build._instantiate(cfg["model"], "model")
-  lopt = _build._instantiate(cfg["learned_optimizer"], "learned_optimizer")
+  model = _build.instantiate(cfg["model"], "model")
+  lopt = _build.instantiate(cfg["learned_optimizer"], "learned_optimizer")
   if not isinstance(lopt, lo.LearnedOptimizer):
-    raise _build.ConfigError(
+    raise ConfigError(
         f"learned_optimizer._target_={cfg['learned_optimizer']['_target_']!r}"
         f" returned a {type(lopt).__name__}, not a LearnedOptimizer")
   batch = cfg["family"]["batch_size"]
@@ -165,12 +173,12 @@ def run_learned_optimizer(
   try:
     start = time.perf_counter()
     state = lo.init_outer_state(lopt, estimator, tx, train_key, family.data)
-    resumed = _run._resume_state(manager, outer["resume"], "outer.resume",
-                                 lambda: state)
+    resumed = _records.resume_state(manager, outer["resume"], "outer.resume",
+                                    lambda: state)
     state = state if resumed is None else resumed
     first = int(state.step)
-    metrics_file = _run._MetricsFile(run_dir / "metrics.jsonl",
-                                     first if outer["resume"] else None)
+    metrics_file = _records.MetricsFile(run_dir / "metrics.jsonl",
+                                        first if outer["resume"] else None)
     for target in range(first + outer["log_every"], outer["num_steps"] + 1,
                         outer["log_every"]):
       state, history = lo.outer_train(step, state, key=train_key,

@@ -4,32 +4,24 @@ import json
 import logging
 import os
 import pathlib
-import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 
-from metalearn import data, training
-from metalearn.experiment import _build, _checkpoint, _logging, _select
-
-log = logging.getLogger("metalearn.experiment")
-
-# Errors a user fixes in the config or the data directory; the command line
-# reports them in one line, without a traceback.
-USER_ERRORS = (
-    _build.ConfigError,
-    data.DatasetNotFoundError,
-    data.DataChecksumError,
-    training.NonFiniteLossError,
+from metalearn import training
+from metalearn.experiment import (
+    _build,
+    _checkpoint,
+    _config,
+    _datasets,
+    _logging,
+    _records,
+    _select,
 )
 
-
-def _write_json(path: pathlib.Path, obj: Any) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-  tmp.replace(path)  # Atomic: readers never see half a file.
+log = logging.getLogger("metalearn.experiment")
 
 
 def _mesh(trainer):
@@ -54,31 +46,13 @@ def _evaluate(trainer, learner, meta_params, sampler, num_episodes, split):
   )
 
 
-class _MetricsFile:
-  """``<run dir>/metrics.jsonl``: one JSON line per metric record, with
-  ``step`` and ``wall_s``, the seconds since the run began (training,
-  validation and checkpointing; a resumed run continues the clock of the
-  lines it keeps)."""
-
-  def __init__(self, path: pathlib.Path, resume_step: int | None):
-    self.path = path
-    kept, offset = [], 0.0
-    if resume_step is not None and path.exists():
-      for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if record["step"] <= resume_step:
-          kept.append(line)
-          offset = record["wall_s"]
-    # Lines past the checkpoint belong to steps the resumed run redoes.
-    path.write_text("".join(line + "\n" for line in kept))
-    self.start = time.perf_counter() - offset
-
-  def write(self, step: int, metrics: Mapping[str, float]) -> None:
-    record = {"step": step,
-              "wall_s": round(time.perf_counter() - self.start, 3),
-              **metrics}
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+def _samplers(cfg, learner) -> _datasets.Samplers:
+  """The task samplers of a validated config, loading its dataset; the
+  meta-training tasks are drawn as the learner asks (``train_sampler``)."""
+  return _datasets.build_samplers(
+      cfg["task"], _datasets.load_splits(cfg["task"]),
+      train_sampler=learner.train_sampler,
+  )
 
 
 def _validate(trainer, learner, meta_params, samplers):
@@ -143,53 +117,18 @@ def _select_and_test(trainer, learner, samplers, state, selection, logger):
   return results
 
 
-def _resume_state(manager, resume: bool, field: str, like: Callable[[], Any]):
-  """The checkpointed state a run continues from, or ``None`` to start afresh.
-
-  Args:
-    manager: the run's checkpoint directory.
-    resume: the run's ``field`` (``trainer.resume`` or ``outer.resume``).
-    field: the config field, for messages.
-    like: builds a fresh state of the run (structure, shapes and dtypes to
-      restore into); called only when there is a checkpoint to restore.
-
-  Raises:
-    ConfigError: naming ``field``, if the run would start afresh over
-      existing checkpoints, or if the latest checkpoint does not fit ``like``.
-  """
-  latest = manager.latest_step()
-  if not resume:
-    if latest is not None:
-      raise _build.ConfigError(
-          f"{field}=false but {manager.directory} already holds "
-          f"checkpoints (latest step {latest}): pass {field}=true to "
-          "continue that run, or use a new run directory"
-      )
-    return None
-  if latest is None:
-    log.warning("%s=true but %s holds no checkpoint: starting from step 0",
-                field, manager.directory)
-    return None
-  try:
-    state = _checkpoint.restore_state(manager, like(), latest)
-  except ValueError as e:
-    raise _build.ConfigError(
-        f"{field}=true: {e} (the config differs from the checkpointed "
-        "run's)") from e
-  log.info("resuming from the checkpoint at step %d in %s", latest,
-           manager.directory)
-  return state
-
-
 def run_experiment(
     config: Mapping[str, Any], run_dir: str | os.PathLike
 ) -> dict[str, Any]:
   """Runs one experiment from its config: meta-train, checkpoint, test.
 
   The steps: validate the whole config (no data read, nothing compiled);
-  load the dataset and check the episodes fit it; build the learner and
-  meta-optimizer; meta-train with :func:`metalearn.training.meta_train`,
-  logging every ``trainer.log_every`` steps and checkpointing every
+  build the learner, checking what it needs of the model and task (a head
+  with one output per way), and the meta-optimizer; load the dataset and
+  check the episodes fit it (meta-training tasks drawn as the learner
+  asks, ``MetaLearner.train_sampler``); meta-train with
+  :func:`metalearn.training.meta_train`, logging every
+  ``trainer.log_every`` steps and checkpointing every
   ``trainer.checkpoint_every`` steps and at the end (also when
   ``trainer.max_time_s`` stops training early); validate every
   ``trainer.eval_every`` steps; record every metric line in
@@ -223,24 +162,21 @@ def run_experiment(
     NonFiniteLossError: if the loss became NaN or infinite; the last
       checkpoint (before it) is kept.
   """
-  cfg = _build.validate_config(config)
+  cfg = _config.validate_config(config)
   trainer = cfg["trainer"]
   if trainer["eval_every"] and "val" in cfg["task"].get("train_splits", ()):
     log.warning(
         "task.train_splits includes val: the validation metrics every "
         "trainer.eval_every steps are of classes meta-trained on, not "
         "held out")
-  run_dir = pathlib.Path(run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  samplers = _build.build_samplers(
-      cfg["task"], _build.load_splits(cfg["task"]),
-      paired=_build.uses_task_pairs(cfg),
-  )
   learner = _build.build_learner(cfg)
   tx = _build.build_optimizer(cfg)
+  run_dir = pathlib.Path(run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  samplers = _samplers(cfg, learner)
   key = jax.random.key(cfg["seed"])
-  metric, direction = _build.objective_metric(
-      trainer["objective"], cfg["task"]["dataset"])
+  metric, direction = _config.objective_metric(
+      trainer["objective"], _config.is_regression(cfg["task"]))
   manager = _checkpoint.checkpoint_manager(
       trainer["checkpoint_dir"] or run_dir / "checkpoints",
       save_every=trainer["checkpoint_every"],
@@ -248,18 +184,18 @@ def run_experiment(
   )
   logger = selection = None
   try:
-    state = _resume_state(
+    state = _records.resume_state(
         manager, trainer["resume"], "trainer.resume",
         lambda: training.init_state(learner, tx, samplers.train, key))
     selection = _select.Selection(
         trainer["select"], metric, direction,
         pathlib.Path(manager.directory) / "best", resumed=state is not None)
-    _write_json(run_dir / "config.json", cfg)
+    _records.write_json(run_dir / "config.json", cfg)
     logger = _logging.make_logger(
-        cfg["logger"], run_dir=run_dir, name=_build.run_name(cfg),
+        cfg["logger"], run_dir=run_dir, name=_config.run_name(cfg),
         config=cfg, resume=trainer["resume"],
     )
-    metrics_file = _MetricsFile(
+    metrics_file = _records.MetricsFile(
         run_dir / "metrics.jsonl",
         None if state is None else int(state.step),
     )
@@ -288,7 +224,7 @@ def run_experiment(
       _checkpoint.save_state(manager, state, force=True)
     manager.wait_until_finished()
     results = {
-        "name": _build.run_name(cfg),
+        "name": _config.run_name(cfg),
         "seed": cfg["seed"],
         "steps": int(state.step),
         "num_steps": trainer["num_steps"],
@@ -301,7 +237,7 @@ def run_experiment(
                       if k != "step"})
     results.update(_select_and_test(trainer, learner, samplers, state,
                                     selection, logger))
-    _write_json(run_dir / "results.json", results)
+    _records.write_json(run_dir / "results.json", results)
     logger.summary(results)
     logger.finish(0)
     logger = None
@@ -313,12 +249,6 @@ def run_experiment(
       selection.close()
     manager.wait_until_finished()
     manager.close()
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-  """The metric records of a run (``<run_dir>/metrics.jsonl``), in order."""
-  path = pathlib.Path(run_dir) / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def evaluate_run(
@@ -362,22 +292,19 @@ def evaluate_run(
   cfg = json.loads((run_dir / "config.json").read_text())
   if task:
     cfg["task"] = {**cfg["task"], **task}
-  cfg = _build.validate_config(cfg)
+  cfg = _config.validate_config(cfg)
   trainer = cfg["trainer"]
   if split not in ("train", "val", "test"):
     raise ValueError(f"split must be train, val or test, got {split!r}")
-  samplers = _build.build_samplers(
-      cfg["task"], _build.load_splits(cfg["task"]),
-      paired=_build.uses_task_pairs(cfg),
-  )
-  sampler = getattr(samplers, split)
   learner = _build.build_learner(cfg)
   tx = _build.build_optimizer(cfg)
+  samplers = _samplers(cfg, learner)
+  sampler = getattr(samplers, split)
   like = training.init_state(learner, tx, samplers.train,
                              jax.random.key(cfg["seed"]))
   wall = {}
   if (run_dir / "metrics.jsonl").exists():
-    wall = {r["step"]: r["wall_s"] for r in read_metrics(run_dir)}
+    wall = {r["step"]: r["wall_s"] for r in _records.read_metrics(run_dir)}
   manager = _checkpoint.checkpoint_manager(
       trainer["checkpoint_dir"] or run_dir / "checkpoints",
       save_every=trainer["checkpoint_every"],
@@ -407,55 +334,3 @@ def evaluate_run(
     return rows
   finally:
     manager.close()
-
-
-def _objective(results: Mapping[str, Any]) -> float | None:
-  """The number a hydra sweeper optimises: the validation objective
-  (``trainer.objective``) of the tested state, never a test metric; for a
-  learned-optimiser run, its held-out loss."""
-  for name in ("objective_value", "learned/final_held_out"):
-    if name in results:
-      return float(results[name])
-  return None
-
-
-def run_hydra(cfg) -> float | None:
-  """The body of ``metalearn-train``: runs in hydra's run directory.
-
-  A config, data or non-finite-loss error ends a single run with one line
-  on stderr and exit status 1 (``HYDRA_FULL_ERROR=1`` shows the traceback).
-  In a multirun the error is re-raised, so hydra records the failed job and
-  the sweep's other jobs still run.
-
-  Returns:
-    The validation metric named by ``trainer.objective`` (accuracy by
-    default for classification, to maximise; loss for regression, to
-    minimise) of the tested state, for sweepers that optimise it.
-  """
-  from hydra.core.hydra_config import HydraConfig
-  from hydra.types import RunMode
-
-  hydra_cfg = HydraConfig.get()
-  run = run_experiment
-  if "learned_optimizer" in cfg and "outer" in cfg:
-    # --config-name learned_optimizer: meta-train an optimiser on a family.
-    from metalearn.experiment._lopt import run_learned_optimizer as run
-  # Joins a multi-host job when the launch environment describes one
-  # (coordinator address, a multi-task srun step); a no-op otherwise.
-  training.initialize_distributed()
-  # Hydra logs INFO to the console; orbax's per-save INFO lines (through
-  # absl) would drown the training log.
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-  try:
-    results = run(cfg, hydra_cfg.runtime.output_dir)
-  except USER_ERRORS as e:
-    log.error("%s: %s", type(e).__name__, e)
-    if (
-        hydra_cfg.mode == RunMode.MULTIRUN
-        or os.environ.get("HYDRA_FULL_ERROR") == "1"
-    ):
-      raise
-    print(f"metalearn-train: error: {e}", file=sys.stderr)
-    raise SystemExit(1) from e
-  return _objective(results)

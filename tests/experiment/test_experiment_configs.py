@@ -152,6 +152,23 @@ def test_defaults(compose_train, data_dir):
   assert experiment.run_name(cfg) == "omniglot_5w1s_maml"
 
 
+@pytest.mark.parametrize(
+    "overrides,name",
+    [
+        (("learner=fomaml",), "fomaml"),
+        (("learner=anil", "learner.first_order=true"), "foanil"),
+        (("learner=mlti_maml",), "mlti"),
+        (("learner=protonet", "model=conv4_protonet"), "protonet"),
+    ],
+    ids=lambda v: v[0] if isinstance(v, tuple) else None,
+)
+def test_run_name_is_the_factory_fo_for_first_order(
+    compose_train, overrides, name
+):
+  cfg = experiment.validate_config(compose_train(*overrides))
+  assert experiment.run_name(cfg) == f"omniglot_5w1s_{name}"
+
+
 @pytest.mark.parametrize("group", ["learner", "task", "model", "optimizer"])
 def test_unknown_group_option_names_the_group_and_its_options(
     compose_train, group

@@ -15,7 +15,7 @@ import pytest
 
 from metalearn import experiment, training
 from metalearn.data import DataChecksumError, DatasetNotFoundError
-from metalearn.experiment._run import USER_ERRORS
+from metalearn.experiment._hydra import USER_ERRORS
 
 SINUSOID = ("experiment=sinusoid_maml", "debug=smoke")
 
@@ -43,6 +43,9 @@ SINUSOID = ("experiment=sinusoid_maml", "debug=smoke")
          "model.num_outputs=5 does not match task.num_ways=20"),
         (("task.train_num_ways=20",),
          "task.train_num_ways=20 differs from task.num_ways=5"),
+        (("learner=mlti_maml", "model.num_outputs=10"),
+         "model.num_outputs=10 does not match task.num_ways=5: the head of "
+         "learner mlti needs one output per way"),
         (("task.dataset=cifar",),
          "task.dataset='cifar' is not one of omniglot, mini_imagenet, "
          "sinusoid"),
@@ -114,6 +117,33 @@ def test_factory_error_names_the_group(compose_train):
       "learner: building metalearn.metalearners.maml failed: ValueError: "
       "downsample must be one of"
   )
+
+
+def test_head_is_checked_before_the_data_are_looked_for(
+    compose_train, tmp_path
+):
+  cfg = compose_train("model.num_outputs=10",
+                      f"data_dir={tmp_path / 'nowhere'}")
+  with pytest.raises(experiment.ConfigError, match="model.num_outputs=10"):
+    experiment.run_experiment(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("learner=protonet", "model=conv4_protonet", "task.train_num_ways=20"),
+        ("learner=mlti_protonet", "model=conv4_protonet",
+         "task.train_num_ways=20"),
+        ("experiment=sinusoid_maml",),
+    ],
+    ids=("protonet", "mlti_protonet", "sinusoid"),
+)
+def test_learners_without_head_and_regression_take_any_ways(
+    compose_train, overrides
+):
+  cfg = experiment.validate_config(compose_train(*overrides))
+  learner = experiment.build_learner(cfg)
+  assert not learner.head or cfg["task"]["num_ways"] is None
 
 
 def _write_tiny_mini_imagenet(root, *, classes=3, per_class=8, size=16):

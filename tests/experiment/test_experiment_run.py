@@ -394,8 +394,12 @@ def test_mlti_few_task_experiments_run(compose_train, tmp_path, learner):
 def test_few_task_setting_restricts_only_the_training_classes(compose_train):
   cfg = experiment.validate_config(
       compose_train("experiment=omniglot50_5w1s_mlti-maml"))
+  # MLTI declares that it trains on task pairs; the samplers follow it.
+  learner = experiment.build_learner(cfg)
+  assert learner.train_sampler is metalearners.paired_sampler
   samplers = experiment.build_samplers(
-      cfg["task"], experiment.load_splits(cfg["task"]), paired=True)
+      cfg["task"], experiment.load_splits(cfg["task"]),
+      train_sampler=learner.train_sampler)
   pool = samplers.train.data
   # 50 characters x 4 rotations, whole characters (ids 4c .. 4c+3).
   ids = np.asarray(pool.class_ids)
