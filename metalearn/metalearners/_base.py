@@ -27,17 +27,24 @@ class MetaLearner(NamedTuple):
     evaluate: ``evaluate(meta_params, task_params, episode) -> (loss,
       metrics)`` on the query set. Metric names are ``outer/*``.
     meta_grad: ``meta_grad(meta_params, episode, key) -> (grads, metrics)``
-      for one task. The default differentiates ``evaluate(adapt(...))``;
-      estimators such as Reptile's supply their own.
+      for one task, ``grads`` shaped like ``meta_params``: the
+      meta-gradient on the learned leaves and the new value on the carried
+      ones (``carried``). The default differentiates
+      ``evaluate(adapt(...))``; estimators such as Reptile's supply their
+      own.
 
     carried: ``None``, or ``carried(meta_params) -> tree of bools`` (the
       structure of ``meta_params``) marking the leaves that are state
       carried from one meta-step to the next rather than learned, such as
       Reptile's inner optimiser state with ``carry_inner_state=True`` or a
       model's batch-norm running statistics (:class:`WithModelState`). For
-      those leaves ``meta_grad`` returns ``old - new`` for its task, and the
-      meta-step sets them to the tasks' mean new value whatever the
-      meta-optimizer (:func:`metalearn.training.outer_optimizer`).
+      those leaves ``meta_grad`` returns the task's *new value* of the
+      state (not a gradient); the meta-step averages them over tasks as
+      it averages gradients, gives the meta-optimizer the learned leaves
+      alone, and sets the carried leaves to the tasks' mean new value
+      (:func:`metalearn.training.outer_optimizer`; integer leaves, such as
+      an optimiser's step count, are averaged exactly, rounded to the
+      nearest integer).
     predict: ``None``, or ``predict(meta_params, task_params, x) ->
       outputs`` (logits for classification, predictions for regression)
       for new inputs ``x`` of an adapted task (``adapt(...,
@@ -187,7 +194,8 @@ class WithModelState(NamedTuple):
     model_state: the model's state (batch-norm running statistics),
       carried from one meta-step to the next (:attr:`MetaLearner.carried`):
       each task moves it through the training forward passes of its
-      meta-gradient, and the meta-step sets it to the tasks' mean.
+      meta-gradient and returns its new value there, and the meta-step
+      sets it to the tasks' mean.
   """
 
   params: PyTree
@@ -202,7 +210,8 @@ def with_model_state(carried=None):
 
   Returns:
     ``carried(meta_params)`` marking ``model_state`` (and what ``carried``
-    marks in ``params``).
+    marks in ``params``); the learner's ``meta_grad`` returns
+    ``WithModelState(grads, new_model_state)``.
   """
 
   def mark(meta_params):
@@ -212,11 +221,6 @@ def with_model_state(carried=None):
         inner, jax.tree.map(lambda _: True, meta_params.model_state))
 
   return mark
-
-
-def state_step(old: PyTree, new: PyTree) -> PyTree:
-  """``old - new``: the carried-state entry of a meta-gradient."""
-  return jax.tree.map(jnp.subtract, old, jax.lax.stop_gradient(new))
 
 
 def adaptation_learner(
@@ -236,8 +240,9 @@ def adaptation_learner(
   meta-training runs every forward pass (each inner step on the support
   set, then the query set) with batch statistics, threading the running
   statistics through them in order; the task's final statistics are its
-  carried-state entry. ``adapt(training=False)``, ``evaluate`` and
-  ``predict`` normalise every input with the stored statistics alone.
+  carried-state entry (their new value). ``adapt(training=False)``,
+  ``evaluate`` and ``predict`` normalise every input with the stored
+  statistics alone.
 
   Args:
     model: the network.
@@ -287,7 +292,7 @@ def adaptation_learner(
       return loss, (metrics, new)
 
     grads, (metrics, new) = jax.grad(outer, has_aux=True)(params)
-    return WithModelState(grads, state_step(state, new)), metrics
+    return WithModelState(grads, jax.lax.stop_gradient(new)), metrics
 
   return make_learner(init, adapt, evaluate,
                       meta_grad if stateful else None,

@@ -9,7 +9,6 @@ from metalearn.metalearners._base import (
     MetaLearner,
     WithModelState,
     make_learner,
-    state_step,
     with_model_state,
 )
 from metalearn.models import Model
@@ -165,8 +164,8 @@ def protonet(embed: Model) -> MetaLearner:
       return loss, (metrics, new)
 
     grads, (metrics, new) = jax.grad(loss_fn, has_aux=True)(params)
-    if stateful:
-      grads = WithModelState(grads, state_step(state, new))
+    if stateful:  # the carried entry is the new value (MetaLearner.carried)
+      grads = WithModelState(grads, jax.lax.stop_gradient(new))
     return grads, metrics
 
   return make_learner(init, adapt, evaluate, meta_grad,

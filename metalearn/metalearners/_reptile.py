@@ -11,7 +11,6 @@ from metalearn.metalearners._base import (
     MetaLearner,
     WithModelState,
     make_learner,
-    state_step,
     task_loss,
     with_model_state,
 )
@@ -173,12 +172,12 @@ def reptile(
     out = models.forward(model, adapted, model_state, episode.query_x,
                          training=True)[0]
     _, metrics = task_loss(out, episode.query_y)
-    params, old_state, old_model_state = split(meta_params)
-    grads = jax.tree.map(jnp.subtract, params, adapted)
-    if carry_inner_state:  # old - new: the meta-step sets the mean new state
-      grads = ReptileParams(grads, state_step(old_state, opt_state))
+    grads = jax.tree.map(jnp.subtract, split(meta_params)[0], adapted)
+    # The carried entries are the task's new values (MetaLearner.carried).
+    if carry_inner_state:
+      grads = ReptileParams(grads, opt_state)
     if stateful:
-      grads = WithModelState(grads, state_step(old_model_state, model_state))
+      grads = WithModelState(grads, model_state)
     return grads, metrics
 
   def carried_inner(meta_params):

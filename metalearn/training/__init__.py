@@ -20,7 +20,9 @@ from metalearn.training._step import (
     init_state,
     make_meta_step,
     map_tasks,
+    mean_over_tasks,
     outer_optimizer,
+    set_carried,
 )
 
 __all__ = (
@@ -35,9 +37,11 @@ __all__ = (
     "make_meta_step",
     "map_devices",
     "map_tasks",
+    "mean_over_tasks",
     "meta_train",
     "outer_optimizer",
     "replicate",
+    "set_carried",
     "shard_tasks",
     "task_mesh",
 )

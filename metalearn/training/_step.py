@@ -32,18 +32,92 @@ class MetaTrainState(NamedTuple):
   opt_state: PyTree
 
 
+def mean_over_tasks(x: jax.Array, axis: int = 0) -> jax.Array:
+  """The mean over the task axis; an integer leaf's is rounded and exact.
+
+  Float leaves (gradients, float carried state) get ``jnp.mean``. Integer
+  leaves (an optimiser's step count in carried state) are summed and
+  divided in integer arithmetic, rounded to the nearest (halves up), so
+  that tasks that agree give back their common value exactly (as long as
+  the sum fits the integer type: counts below ``2**31 / tasks`` for
+  int32), where a float32 mean would lose counts above ``2**24``.
+
+  Args:
+    x: a leaf with a task axis.
+    axis: the task axis.
+
+  Returns:
+    The mean, in ``x``'s dtype for integers.
+  """
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    return jnp.mean(x, axis)
+  return _int_mean(jnp.sum(x, axis), x.shape[axis])
+
+
+def _int_mean(total: jax.Array, n: int) -> jax.Array:
+  """``round(total / n)`` in integer arithmetic, halves up."""
+  quotient, remainder = total // n, total % n
+  return quotient + (2 * remainder >= n).astype(total.dtype)
+
+
+def _set_to(new: jax.Array, old: jax.Array) -> jax.Array:
+  """The update that moves ``old`` to ``new`` under ``optax.apply_updates``:
+  ``new - old`` in ``old``'s dtype (exact for integers, whose ``new`` is
+  rounded to the nearest first)."""
+  if jnp.issubdtype(old.dtype, jnp.integer):
+    if not jnp.issubdtype(new.dtype, jnp.integer):
+      new = jnp.floor(new + 0.5)  # to the nearest, halves up
+    return new.astype(old.dtype) - old
+  return (new - old).astype(old.dtype)
+
+
+def set_carried() -> optax.GradientTransformation:
+  """The update of carried leaves: from their (mean) new values to
+  ``new - params``, so that ``optax.apply_updates`` sets them to those
+  values. Stateless; needs ``params``."""
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(new, state, params=None):
+    if params is None:
+      raise ValueError("setting carried state needs params (the old value)")
+    return jax.tree.map(_set_to, new, params), state
+
+  return optax.GradientTransformation(init, update)
+
+
 def outer_optimizer(
     learner: MetaLearner, meta_optimizer: optax.GradientTransformation
 ) -> optax.GradientTransformation:
   """The meta-update as the meta-step applies it.
 
-  ``meta_optimizer`` on the learned leaves; the leaves ``learner.carried``
-  marks (state carried between meta-steps, such as Reptile's inner
-  optimiser state) get ``optax.sgd(1.0)`` on their mean ``old - new``,
-  which sets them to the tasks' mean new value. A learner without carried
-  state gets ``meta_optimizer`` itself. Integer leaves (an optimiser's step
-  count) come back exact only when every task moves them by the same
-  amount, as every inner loop of a fixed length does.
+  The meta-step averages the tasks' ``meta_grad`` outputs, shaped like the
+  meta-parameters: meta-gradients on the learned leaves, the tasks' new
+  values on the leaves ``learner.carried`` marks (state carried between
+  meta-steps, such as Reptile's inner optimiser state or batch-norm
+  running statistics; :attr:`~metalearn.metalearners.MetaLearner.carried`).
+  This transformation turns that mean into updates:
+
+  - learned leaves: ``meta_optimizer``'s update. It sees the learned
+    leaves alone (the carried ones are ``optax.MaskedNode`` in its
+    inputs and state, through ``optax.multi_transform``), so a clipping
+    norm or Adam's moments never include the carried state;
+  - carried leaves: ``new - old`` (:func:`set_carried`), so that
+    ``optax.apply_updates`` sets them to the tasks' mean new value
+    (integer leaves, such as a step count, exactly: the mean is rounded
+    to the nearest integer, :func:`mean_over_tasks`; float leaves up to
+    the rounding of ``old + (new - old)``).
+
+  A learner without carried state gets ``meta_optimizer`` itself.
+
+  Args:
+    learner: the meta-learner.
+    meta_optimizer: the outer optimizer of the learned leaves.
+
+  Returns:
+    The transformation; its ``update`` needs the meta-parameters.
   """
   if learner.carried is None:
     return meta_optimizer
@@ -53,7 +127,7 @@ def outer_optimizer(
                         learner.carried(meta_params))
 
   return optax.multi_transform(
-      {"learned": meta_optimizer, "carried": optax.sgd(1.0)}, labels)
+      {"learned": meta_optimizer, "carried": set_carried()}, labels)
 
 
 def init_state(
@@ -112,7 +186,8 @@ def map_tasks(
     task_map: the strategy.
 
   Returns:
-    The mean over tasks of ``fn``'s outputs.
+    The mean over tasks of ``fn``'s outputs (integer outputs, such as
+    carried step counts, rounded to the nearest: :func:`mean_over_tasks`).
   """
   if task_map == "auto":
     task_map = default_task_map()
@@ -121,7 +196,7 @@ def map_tasks(
   num_tasks = keys.shape[0]
   if task_map == "vmap":
     out = jax.vmap(fn)(episodes, keys)
-    return jax.tree.map(lambda x: jnp.mean(x, 0), out)
+    return jax.tree.map(mean_over_tasks, out)
 
   def body(total, inputs):
     out = fn(*inputs)
@@ -132,7 +207,13 @@ def map_tasks(
       lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *first)
   )
   total, _ = jax.lax.scan(body, zeros, (episodes, keys))
-  return jax.tree.map(lambda x: x / num_tasks, total)
+
+  def mean(x):
+    if jnp.issubdtype(x.dtype, jnp.integer):
+      return _int_mean(x, num_tasks)
+    return x / num_tasks
+
+  return jax.tree.map(mean, total)
 
 
 def make_meta_step(
@@ -222,8 +303,9 @@ def make_meta_step(
         return mean_grad(episodes, keys, meta_params)
 
       task_keys = jax.random.split(task_key, meta_batch_size)
+      # Every device holds as many tasks: the mean of the means is the mean.
       grads, metrics = jax.tree.map(
-          lambda x: jnp.mean(x, 0),
+          mean_over_tasks,
           _sharding.map_devices(
               local, (task_keys, keys), mesh, state.meta_params, data
           ),
