@@ -278,7 +278,8 @@ def _sgd(inner_lr: float | PyTree,
   Returns:
     The transformation.
   """
-  if isinstance(inner_lr, (int, float)):
+  if isinstance(inner_lr, (int, float)) or (
+      isinstance(inner_lr, jax.Array) and inner_lr.ndim == 0):
     return optax.sgd(inner_lr)
   if trainable is None:
     return scale_by_rates(inner_lr)

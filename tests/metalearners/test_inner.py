@@ -139,6 +139,22 @@ def test_mask_freezes_the_body_and_is_anil(mask):
   assert traced
 
 
+def test_inner_sgd_rates_for_the_trainable_sub_tree():
+  # inner_sgd's per-parameter rates shaped like params[trainable].
+  ep = _sinusoid()
+  model = models.mlp(hidden=(8,))
+  params = model.init(jax.random.key(1), ep.support_x)
+  rates = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params["head"])
+  with_rates = metalearners.inner_sgd(model, params, ep.support_x,
+                                      ep.support_y, inner_lr=rates,
+                                      num_steps=2, trainable="head")
+  scalar = metalearners.inner_sgd(model, params, ep.support_x, ep.support_y,
+                                  inner_lr=jnp.float32(0.1), num_steps=2,
+                                  trainable="head")
+  chex.assert_trees_all_close(with_rates, scalar, rtol=1e-6)
+  chex.assert_trees_all_equal(with_rates["dense0"], params["dense0"])
+
+
 def test_mask_state_covers_the_masked_leaves_only():
   ep = _sinusoid()
   params = models.mlp(hidden=(8,)).init(jax.random.key(1), ep.support_x)
