@@ -25,11 +25,6 @@ from metalearn.experiment._config import (
     run_name,
     validate_config,
 )
-from metalearn.experiment._datasets import (
-    Samplers,
-    build_samplers,
-    load_splits,
-)
 from metalearn.experiment._hydra import run_hydra
 from metalearn.experiment._logging import (
     Logger,
@@ -44,6 +39,7 @@ from metalearn.experiment._lopt import (
 )
 from metalearn.experiment._records import read_metrics
 from metalearn.experiment._run import evaluate_run, run_experiment
+from metalearn.experiment._tasksets import Samplers, build_samplers
 
 __all__ = (
     "ConfigError",
@@ -56,7 +52,6 @@ __all__ = (
     "console_logger",
     "evaluate_run",
     "load_checkpoint",
-    "load_splits",
     "make_logger",
     "objective_metric",
     "read_metrics",

@@ -2,10 +2,10 @@
 
 :func:`validate_config` checks every field of a ``train.yaml`` config
 before anything is built, loaded or compiled, and returns its plain form.
-The task fields are checked by :mod:`~metalearn.experiment._datasets`;
-what a learner needs of the model and the task (a head with one output
-per way) is checked when it is built (``build_learner``), still before any
-data are read.
+The task fields are checked by the dataset registry of
+:mod:`metalearn.tasks` (``check_taskset_args``); what a learner needs of
+the model and the task (a head with one output per way) is checked when
+it is built (``build_learner``), still before any data are read.
 """
 
 from collections.abc import Mapping, Sequence
@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from metalearn import models
 from metalearn.experiment import _checks as checks
-from metalearn.experiment import _datasets
+from metalearn.experiment import _tasksets
 from metalearn.experiment._checks import ConfigError
 
 TASK_MAPS = ("auto", "vmap", "scan")
@@ -209,7 +209,7 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
   cfg = checks.to_plain(cfg)
   if not checks.is_int(checks.get(cfg, "seed")):
     raise ConfigError(f"seed must be an int, got {cfg['seed']!r}")
-  _datasets.validate_task(cfg)
+  _tasksets.validate_task(cfg)
   for group in ("model", "learner", "optimizer"):
     checks.target(cfg, group)
   _validate_model(cfg)

@@ -24,9 +24,9 @@ from metalearn.experiment import (
     _build,
     _checkpoint,
     _config,
-    _datasets,
     _logging,
     _records,
+    _tasksets,
 )
 from metalearn.experiment import _checks as checks
 from metalearn.experiment._checks import ConfigError
@@ -45,7 +45,7 @@ def validate_lopt_config(config: Mapping[str, Any]) -> dict[str, Any]:
   cfg = checks.to_plain(config)
   if not checks.is_int(checks.get(cfg, "seed")):
     raise ConfigError(f"seed must be an int, got {cfg['seed']!r}")
-  _datasets.validate_task(cfg)
+  _tasksets.validate_task(cfg)
   for group in ("model", "learned_optimizer"):
     checks.target(cfg, group)
   checks.one_of(cfg, "outer.estimator", ESTIMATORS)
@@ -142,9 +142,7 @@ def run_learned_optimizer(
   outer, ev = cfg["outer"], cfg["eval"]
   run_dir = pathlib.Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
-  samplers = _datasets.build_samplers(
-      cfg["task"], _datasets.load_splits(cfg["task"])
-  )
+  samplers = _tasksets.build_samplers(cfg["task"])
   model = _build.instantiate(cfg["model"], "model")
   lopt = _build.instantiate(cfg["learned_optimizer"], "learned_optimizer")
   if not isinstance(lopt, lo.LearnedOptimizer):

@@ -15,10 +15,10 @@ from metalearn.experiment import (
     _build,
     _checkpoint,
     _config,
-    _datasets,
     _logging,
     _records,
     _select,
+    _tasksets,
 )
 
 log = logging.getLogger("metalearn.experiment")
@@ -46,13 +46,11 @@ def _evaluate(trainer, learner, meta_params, sampler, num_episodes, split):
   )
 
 
-def _samplers(cfg, learner) -> _datasets.Samplers:
+def _samplers(cfg, learner) -> _tasksets.Samplers:
   """The task samplers of a validated config, loading its dataset; the
   meta-training tasks are drawn as the learner asks (``train_sampler``)."""
-  return _datasets.build_samplers(
-      cfg["task"], _datasets.load_splits(cfg["task"]),
-      train_sampler=learner.train_sampler,
-  )
+  return _tasksets.build_samplers(
+      cfg["task"], train_sampler=learner.train_sampler)
 
 
 def _validate(trainer, learner, meta_params, samplers):

@@ -47,8 +47,14 @@ SINUSOID = ("experiment=sinusoid_maml", "debug=smoke")
          "model.num_outputs=10 does not match task.num_ways=5: the head of "
          "learner mlti needs one output per way"),
         (("task.dataset=cifar",),
-         "task.dataset='cifar' is not one of omniglot, mini_imagenet, "
-         "sinusoid"),
+         "task.dataset='cifar' is not registered; the registered datasets "
+         "are "),
+        (("task.image_size=2",),
+         "task.image_size must be an int >= 4, got 2"),
+        (("experiment=sinusoid_maml", "task.num_ways=5"),
+         "task.num_ways must be None for 'sinusoid'"),
+        (("+task.colour=true",),
+         "task.colour is not an option of dataset 'omniglot'"),
         (("task.split_scheme=lake",),
          "task.split_scheme: unknown Omniglot split scheme 'lake'"),
         (("task.num_shots=0",), "task.num_shots must be an int >= 1, got 0"),
@@ -171,19 +177,19 @@ def tiny_mini_imagenet(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ((), "task.num_ways=5 exceeds the 3 classes in the pool "
-             "(mini_imagenet test split)"),
+        ((), "task.num_ways=5 exceeds the 3 classes in the mini_imagenet "
+             "test split"),
         (("task.num_ways=3",),
          "task.num_shots + task.num_queries = 1 + 15 exceeds the 8 examples "
-         "per class in the pool (mini_imagenet test split)"),
+         "per class in the mini_imagenet test split"),
         (("learner=protonet", "model=conv4_protonet", "task.num_ways=3",
           "task.num_queries=2", "task.train_num_ways=4"),
-         "task.train_num_ways=4 exceeds the 3 classes in the pool "
-         "(mini_imagenet train split)"),
+         "task.train_num_ways=4 exceeds the 3 classes in the mini_imagenet "
+         "train split"),
         (("learner=reptile", "task.num_ways=3", "task.num_queries=2",
           "task.train_num_shots=7"),
          "task.train_num_shots + task.train_num_queries = 7 + 2 exceeds the "
-         "8 examples per class in the pool (mini_imagenet train split)"),
+         "8 examples per class in the mini_imagenet train split"),
     ],
 )
 def test_episode_too_large_for_dataset(

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from metalearn import experiment, metalearners, models, tasks, training
+from metalearn import data, experiment, metalearners, models, tasks, training
 
 LEARNERS = ("maml", "fomaml", "anil", "metasgd", "reptile", "protonet")
 # Sinusoid MAML, logged and checkpointed every step: the cheapest real run.
@@ -398,8 +398,7 @@ def test_few_task_setting_restricts_only_the_training_classes(compose_train):
   learner = experiment.build_learner(cfg)
   assert learner.train_sampler is metalearners.paired_sampler
   samplers = experiment.build_samplers(
-      cfg["task"], experiment.load_splits(cfg["task"]),
-      train_sampler=learner.train_sampler)
+      cfg["task"], train_sampler=learner.train_sampler)
   pool = samplers.train.data
   # 50 characters x 4 rotations, whole characters (ids 4c .. 4c+3).
   ids = np.asarray(pool.class_ids)
@@ -411,16 +410,14 @@ def test_few_task_setting_restricts_only_the_training_classes(compose_train):
   assert pair.episode.support_x.shape == pair.partner.support_x.shape
   cfg["task"]["train_classes"] = 5000
   with pytest.raises(experiment.ConfigError, match="task.train_classes"):
-    experiment.build_samplers(cfg["task"],
-                              experiment.load_splits(cfg["task"]))
+    experiment.build_samplers(cfg["task"])
 
 
 def test_train_num_shots_shapes_only_the_meta_training_episodes(compose_train):
   cfg = experiment.validate_config(
       compose_train("experiment=omniglot_5w1s_reptile"))
   assert cfg["task"]["train_num_shots"] == 15  # Nichol et al.'s train shots.
-  samplers = experiment.build_samplers(
-      cfg["task"], experiment.load_splits(cfg["task"]))
+  samplers = experiment.build_samplers(cfg["task"])
   train = samplers.train.sample(jax.random.key(0), samplers.train.data)
   test = samplers.test.sample(jax.random.key(0), samplers.test.data)
   assert train.support_x.shape[0] == 5 * 15 and train.query_x.shape[0] == 5
@@ -428,8 +425,7 @@ def test_train_num_shots_shapes_only_the_meta_training_episodes(compose_train):
   assert test.support_x.shape[0] == 5 and test.query_x.shape[0] == 5 * 15
   # Without the field (configs of earlier releases), training uses num_shots.
   del cfg["task"]["train_num_shots"]
-  samplers = experiment.build_samplers(
-      cfg["task"], experiment.load_splits(cfg["task"]))
+  samplers = experiment.build_samplers(cfg["task"])
   train = samplers.train.sample(jax.random.key(0), samplers.train.data)
   assert train.support_x.shape[0] == 5
 
@@ -439,8 +435,11 @@ def test_train_splits_meta_train_on_train_and_val_classes(compose_train,
   cfg = experiment.validate_config(
       compose_train("experiment=omniglot_5w1s_protonet"))
   assert list(cfg["task"]["train_splits"]) == ["train", "val"]
-  splits = experiment.load_splits(cfg["task"])
-  samplers = experiment.build_samplers(cfg["task"], splits)
+  task = cfg["task"]
+  splits = data.load_omniglot(
+      task["data_dir"], image_size=task["image_size"],
+      split_scheme=task["split_scheme"], rotations=task["rotations"])
+  samplers = experiment.build_samplers(task)
   # Snell et al.: 1200 characters x 4 rotations; val and test keep theirs.
   ids = np.asarray(samplers.train.data.class_ids)
   assert ids.shape == (4800,)

@@ -78,8 +78,7 @@ def test_omniglot_validation_and_test_episodes_differ(compose_train):
       compose_train("experiment=omniglot_5w1s_maml"))
   seeds = [_select.eval_seed(cfg["trainer"], s) for s in ("val", "test")]
   assert seeds == [1, 0]
-  samplers = experiment.build_samplers(
-      cfg["task"], experiment.load_splits(cfg["task"]))
+  samplers = experiment.build_samplers(cfg["task"])
   assert not set(np.asarray(samplers.val.data.class_ids).tolist()) & set(
       np.asarray(samplers.test.data.class_ids).tolist())
   val = _episodes(samplers.val, jax.random.key(1), 2)
