@@ -92,7 +92,8 @@ def resume_state(manager, resume: bool, field: str, like: Callable[[], Any]):
   except ValueError as e:
     raise ConfigError(
         f"{field}=true: {e} (the config differs from the checkpointed "
-        "run's)") from e
+        "run's, or the run was saved by a metalearn whose state layout "
+        "differs, e.g. before carried state became explicit)") from e
   log.info("resuming from the checkpoint at step %d in %s", latest,
            manager.directory)
   return state
