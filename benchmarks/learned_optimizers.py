@@ -45,7 +45,7 @@ SMOKE = dict(
     truncation=2, outer_steps=2, steps_per_call=1, pes_pairs=2,
     tbptt_particles=2, seeds=2, eval_tasks=4, tune_tasks=4, lrs=(1e-2, 1e-1),
 )
-ESTIMATORS = ("pes", "tbptt")
+ESTIMATORS = lo.ESTIMATORS
 
 
 def build(cfg):
@@ -67,12 +67,9 @@ def make_trainer(cfg, family, lopt, estimator_name):
       family, lopt, truncation_length=cfg["truncation"],
       horizon=cfg["horizon"], log_loss=True,
   )
-  if estimator_name == "pes":
-    estimator = lo.pes(unroll, num_pairs=cfg["pes_pairs"],
-                       sigma=cfg["sigma"])
-  else:
-    estimator = lo.truncated_backprop(unroll,
-                                      num_particles=cfg["tbptt_particles"])
+  estimator = lo.make_estimator(
+      estimator_name, unroll, pes_pairs=cfg["pes_pairs"], sigma=cfg["sigma"],
+      tbptt_particles=cfg["tbptt_particles"])
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(cfg["meta_lr"]))
   step = lo.make_outer_step(estimator, tx,
                             steps_per_call=cfg["steps_per_call"])
@@ -102,9 +99,8 @@ def evaluate(cfg, curves, family, runs_per_seed):
   for seed, runs in enumerate(runs_per_seed):
     keys = jax.random.split(jax.random.fold_in(jax.random.key(2), seed),
                             cfg["eval_tasks"])
-    for name, (kind, hyper) in runs.items():
-      results.setdefault(name, []).append(lo.summarize_curves(
-          *curves(kind, hyper, family, family.data, keys)))
+    for name, summary in lo.compare(curves, runs, family, keys).items():
+      results.setdefault(name, []).append(summary)
   return results
 
 

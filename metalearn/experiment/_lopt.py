@@ -33,7 +33,6 @@ from metalearn.experiment._checks import ConfigError
 
 log = logging.getLogger("metalearn.experiment")
 
-ESTIMATORS = ("pes", "tbptt")
 
 
 def validate_lopt_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -48,7 +47,7 @@ def validate_lopt_config(config: Mapping[str, Any]) -> dict[str, Any]:
   _tasksets.validate_task(cfg)
   for group in ("model", "learned_optimizer"):
     checks.target(cfg, group)
-  checks.one_of(cfg, "outer.estimator", ESTIMATORS)
+  checks.one_of(cfg, "outer.estimator", lo.ESTIMATORS)
   for field in ("horizon", "truncation", "num_steps", "steps_per_call",
                 "log_every", "pes_pairs", "tbptt_particles",
                 "checkpoint_every", "max_to_keep"):
@@ -81,9 +80,9 @@ def _estimator(cfg, family, lopt):
       family, lopt, truncation_length=outer["truncation"],
       horizon=outer["horizon"], log_loss=True,
   )
-  if outer["estimator"] == "pes":
-    return lo.pes(unroll, num_pairs=outer["pes_pairs"], sigma=outer["sigma"])
-  return lo.truncated_backprop(unroll, num_particles=outer["tbptt_particles"])
+  return lo.make_estimator(
+      outer["estimator"], unroll, pes_pairs=outer["pes_pairs"],
+      sigma=outer["sigma"], tbptt_particles=outer["tbptt_particles"])
 
 
 def _plot(summaries: Mapping[str, Mapping[str, Any]], path: pathlib.Path,
@@ -195,11 +194,7 @@ def run_learned_optimizer(
     keys = jax.random.split(eval_key, ev["eval_tasks"])
     runs = {**{k: (k, lr) for k, lr in tuned.items()},
             "learned": ("learned", state.theta)}
-    summaries = {
-        label: lo.summarize_curves(
-            *curves(kind, hyper, held_out, held_out.data, keys))
-        for label, (kind, hyper) in runs.items()
-    }
+    summaries = lo.compare(curves, runs, held_out, keys)
     results = {
         "name": name, "seed": cfg["seed"], "outer_steps": int(state.step),
         "estimator": outer["estimator"], "train_seconds": train_seconds,

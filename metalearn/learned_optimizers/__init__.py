@@ -17,14 +17,17 @@ from metalearn.learned_optimizers._base import (
 )
 from metalearn.learned_optimizers._compare import (
     BASELINES,
+    compare,
     loss_curves,
     summarize_curves,
     tune_learning_rates,
     verdict,
 )
 from metalearn.learned_optimizers._estimators import (
+    ESTIMATORS,
     GradientEstimator,
     PESState,
+    make_estimator,
     pes,
     truncated_backprop,
     truncated_es,
@@ -67,6 +70,7 @@ from metalearn.learned_optimizers._unroll import (
 
 __all__ = (
     "BASELINES",
+    "ESTIMATORS",
     "GradientEstimator",
     "InnerState",
     "LSTMOptimizerParams",
@@ -82,6 +86,7 @@ __all__ = (
     "PESState",
     "TaskFamily",
     "TruncatedUnroll",
+    "compare",
     "init_outer_state",
     "loss_curves",
     "inner_loop",
@@ -92,6 +97,7 @@ __all__ = (
     "verdict",
     "log_sign_features",
     "lstm_optimizer",
+    "make_estimator",
     "make_outer_step",
     "meta_lstm",
     "meta_lstm_optimizer",

@@ -96,6 +96,31 @@ def tune_learning_rates(
   return tuned, table
 
 
+def compare(
+    curves: Callable[..., Any],
+    runs: dict[str, tuple[str, Any]],
+    family: TaskFamily,
+    keys: jax.Array,
+) -> dict[str, dict[str, Any]]:
+  """Runs each optimiser of ``runs`` on the same tasks and summarises it.
+
+  Args:
+    curves: :func:`loss_curves`'s function.
+    runs: ``label: (kind, hyper)``, e.g. ``{"adam": ("adam", 1e-3),
+      "learned": ("learned", theta)}``.
+    family: the task family (its tasks and data).
+    keys: one key per task; every optimiser trains the same tasks.
+
+  Returns:
+    ``label:`` :func:`summarize_curves` of its run.
+  """
+  return {
+      label: summarize_curves(*curves(kind, hyper, family, family.data,
+                                      keys))
+      for label, (kind, hyper) in runs.items()
+  }
+
+
 def verdict(summaries: dict[str, dict[str, Any]],
             learned: str = "learned") -> str:
   """One sentence: does ``learned`` beat the best baseline on the final

@@ -237,3 +237,40 @@ def _antithetic_es(unroll, num_pairs, sigma, stagger, persistent):
     return grads, PESState(positive, negative, accumulated), metrics
 
   return GradientEstimator(init, grad)
+
+
+# Estimators by name, as configs and scripts choose them.
+ESTIMATORS = ("pes", "tbptt")
+
+
+def make_estimator(
+    name: str,
+    unroll: TruncatedUnroll,
+    *,
+    pes_pairs: int = 8,
+    sigma: float = 0.01,
+    tbptt_particles: int = 8,
+) -> GradientEstimator:
+  """The estimator :data:`ESTIMATORS` names, on ``unroll``.
+
+  Args:
+    name: ``"pes"`` (:func:`pes` with ``pes_pairs`` antithetic pairs of
+      scale ``sigma``) or ``"tbptt"`` (:func:`truncated_backprop` with
+      ``tbptt_particles`` particles).
+    unroll: what is learned (:func:`truncated_unroll`).
+    pes_pairs: PES's antithetic pairs.
+    sigma: PES's perturbation scale.
+    tbptt_particles: truncated backprop's particles.
+
+  Returns:
+    The :class:`GradientEstimator`.
+
+  Raises:
+    ValueError: for a name outside :data:`ESTIMATORS`.
+  """
+  if name == "pes":
+    return pes(unroll, num_pairs=pes_pairs, sigma=sigma)
+  if name == "tbptt":
+    return truncated_backprop(unroll, num_particles=tbptt_particles)
+  raise ValueError(
+      f"estimator must be one of {', '.join(ESTIMATORS)}, got {name!r}")

@@ -249,3 +249,21 @@ def test_bad_estimator_arguments_name_the_field():
     lo.pes(unroll, num_pairs=1, sigma=0.0)
   with pytest.raises(ValueError, match="num_particles"):
     lo.truncated_backprop(unroll, num_particles=0)
+
+
+@pytest.mark.parametrize("name", lo.ESTIMATORS)
+def test_make_estimator_is_the_named_estimator(name):
+  unroll = _quadratic_unroll()
+  made = lo.make_estimator(name, unroll, pes_pairs=2, sigma=0.1,
+                           tbptt_particles=2)
+  direct = (lo.pes(unroll, num_pairs=2, sigma=0.1) if name == "pes"
+            else lo.truncated_backprop(unroll, num_particles=2))
+  key = jax.random.key(0)
+  got = made.grad(THETA, made.init(THETA, key, None), key, None)
+  want = direct.grad(THETA, direct.init(THETA, key, None), key, None)
+  chex.assert_trees_all_close(got, want)
+
+
+def test_make_estimator_rejects_an_unknown_name():
+  with pytest.raises(ValueError, match="one of pes, tbptt, got 'es'"):
+    lo.make_estimator("es", _quadratic_unroll())
