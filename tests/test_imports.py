@@ -68,3 +68,37 @@ def test_experiment_modules_import_no_circle():
   # Each kind of run stands alone; the entry point dispatches between them.
   assert "_lopt" not in graph["_run"] and "_run" not in graph["_lopt"]
 
+
+
+# The packages of metalearn, each importing only those before it.
+LAYERS = ("types", "data", "tasks", "models", "metalearners",
+          "learned_optimizers", "training", "experiment")
+
+
+def _packages_imported(path: pathlib.Path) -> set[str]:
+  """The metalearn packages (``data``, ``tasks``, ...) a module imports."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    names = []
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+      names = [node.module] + (
+          [f"metalearn.{a.name}" for a in node.names]
+          if node.module == "metalearn" else [])
+    elif isinstance(node, ast.Import):
+      names = [alias.name for alias in node.names]
+    found.update(n.split(".")[1] for n in names
+                 if n.startswith("metalearn.") and n.count(".") >= 1)
+  return found
+
+
+def test_packages_import_only_the_layers_below_them():
+  root = pathlib.Path(metalearn.__file__).parent
+  wrong = []
+  for rank, layer in enumerate(LAYERS):
+    folder = root / layer
+    paths = [root / "types.py"] if layer == "types" else folder.glob("*.py")
+    for path in paths:
+      for package in _packages_imported(path) - {layer}:
+        if package in LAYERS and LAYERS.index(package) > rank:
+          wrong.append(f"{path.relative_to(root)} imports {package}")
+  assert not wrong, wrong
