@@ -67,6 +67,7 @@ def learned_optimizer_learner(
     *,
     first_order: bool = False,
     eval_num_inner_steps: int | None = None,
+    remat: bool = False,
 ) -> MetaLearner:
   r"""A few-shot learner that meta-learns an initialisation and an optimiser.
 
@@ -88,6 +89,9 @@ def learned_optimizer_learner(
       the meta-parameters (the meta-gradient still flows through the
       parameters and the optimiser's outputs).
     eval_num_inner_steps: inner steps at meta-test time.
+    remat: recompute each inner step in the meta-gradient's backward pass
+      instead of storing its activations
+      (:func:`metalearn.metalearners.inner_optimize`).
 
   Returns:
     A :class:`~metalearn.metalearners.MetaLearner` whose meta-parameters
@@ -123,6 +127,7 @@ def learned_optimizer_learner(
         first_order=first_order or not training,
         model_state=model_state,
         training=training,
+        remat=remat and training,
     )
 
   return adaptation_learner(model, init, inner)
@@ -136,6 +141,7 @@ def meta_lstm(
     init_forget_bias: float = 5.0,
     first_order: bool = True,
     eval_num_inner_steps: int | None = None,
+    remat: bool = False,
 ) -> MetaLearner:
   r"""The Meta-LSTM few-shot learner of Ravi & Larochelle (2017).
 
@@ -160,6 +166,7 @@ def meta_lstm(
     init_forget_bias: the initial forget-gate bias.
     first_order: the paper's approximation.
     eval_num_inner_steps: inner steps at meta-test time.
+    remat: as in :func:`learned_optimizer_learner`.
 
   Returns:
     A :class:`~metalearn.metalearners.MetaLearner`; its meta-parameters are
@@ -186,4 +193,5 @@ def meta_lstm(
       num_inner_steps,
       first_order=first_order,
       eval_num_inner_steps=eval_num_inner_steps,
+      remat=remat,
   )

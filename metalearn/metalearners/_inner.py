@@ -132,6 +132,7 @@ def inner_optimize(
     training: bool = True,
     batch_size: int | None = None,
     key: jax.Array | None = None,
+    remat: bool = False,
 ) -> InnerResult:
   r"""Runs ``num_steps`` of ``tx`` on one task's data, as a ``lax.scan``.
 
@@ -179,6 +180,13 @@ def inner_optimize(
       reshuffled each pass over the ``n`` examples (Nichol et al.'s
       sampling); ``None`` or ``>= n`` uses every example every step.
     key: the shuffling key; needed with ``batch_size < n``.
+    remat: rematerialise each inner step when differentiating through
+      the loop (``jax.checkpoint`` of the step, saving nothing inside
+      it): the backward pass keeps only each step's carry (parameters,
+      optimiser and model state) and recomputes the step's forward and
+      inner gradient from it, so memory no longer holds every step's
+      activations, for about one more forward-and-gradient per step.
+      Results are unchanged.
 
   Returns:
     :class:`InnerResult` ``(params, opt_state, model_state)``.
@@ -220,7 +228,11 @@ def inner_optimize(
     updates, opt_state = tx.update(grads, opt_state, fast, value=loss)
     return (optax.apply_updates(fast, updates), opt_state, model_state), None
 
-  # One body for both sampling modes; a remat option would wrap it here.
+  if remat:
+    # Only the carry is a residual: a step's activations and inner
+    # gradient are recomputed in the backward pass.
+    step = jax.checkpoint(
+        step, policy=jax.checkpoint_policies.nothing_saveable)
   (fast, opt_state, model_state), _ = jax.lax.scan(
       step, (fast, opt_state, model_state), rows,
       length=num_steps if rows is None else None)

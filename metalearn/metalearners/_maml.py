@@ -48,6 +48,7 @@ def maml(
     eval_inner_lr: float | None = None,
     eval_num_inner_steps: int | None = None,
     adapt_only: str | None = None,
+    remat: bool = False,
 ) -> MetaLearner:
   r"""Model-Agnostic Meta-Learning.
 
@@ -82,6 +83,9 @@ def maml(
       ``num_inner_steps``; Finn et al. use 10 on Mini-ImageNet).
     adapt_only: adapt only this top-level parameter sub-tree (``"head"`` is
       ANIL); ``None`` adapts everything.
+    remat: recompute each inner step in the meta-gradient's backward pass
+      instead of storing its activations, so memory hardly grows with
+      ``num_inner_steps`` (:func:`inner_optimize`); same results.
 
   Returns:
     A :class:`MetaLearner` whose meta-parameters are the model's params.
@@ -115,7 +119,8 @@ def maml(
         episode.support_x, episode.support_y,
         num_steps=num_inner_steps if training else eval_num_inner_steps,
         first_order=first_order or not training, mask=adapt_only,
-        model_state=model_state, training=training)
+        model_state=model_state, training=training,
+        remat=remat and training)
 
   return adaptation_learner(model, _init(model), inner)
 
@@ -128,6 +133,7 @@ def anil(
     first_order: bool = False,
     eval_inner_lr: float | None = None,
     eval_num_inner_steps: int | None = None,
+    remat: bool = False,
 ) -> MetaLearner:
   """Almost No Inner Loop: MAML that adapts only the final layer.
 
@@ -148,6 +154,7 @@ def anil(
       eval_inner_lr=eval_inner_lr,
       eval_num_inner_steps=eval_num_inner_steps,
       adapt_only="head",
+      remat=remat,
   )
 
 
@@ -158,6 +165,7 @@ def metasgd(
     *,
     first_order: bool = False,
     eval_num_inner_steps: int | None = None,
+    remat: bool = False,
 ) -> MetaLearner:
   r"""Meta-SGD: MAML with a meta-learned step size for every parameter.
 
@@ -171,6 +179,7 @@ def metasgd(
     num_inner_steps: inner steps (Li et al. use 1).
     first_order: drop second-order terms.
     eval_num_inner_steps: inner steps at meta-test time.
+    remat: as in :func:`maml`.
 
   Returns:
     A :class:`MetaLearner` whose meta-parameters are
@@ -198,6 +207,6 @@ def metasgd(
         episode.support_x, episode.support_y,
         num_steps=num_inner_steps if training else eval_num_inner_steps,
         first_order=first_order or not training, model_state=model_state,
-        training=training)
+        training=training, remat=remat and training)
 
   return adaptation_learner(model, init, inner)
