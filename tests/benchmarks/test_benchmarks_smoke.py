@@ -86,7 +86,26 @@ TESTED_ELSEWHERE = {
     "mlti_fewtask": "its code paths: tests/metalearners/test_mlti.py "
     "(a --smoke run costs about a CPU-minute)",
     "peer_learn2learn": "needs the peer's own 5.7 GB virtualenv; run by hand",
+    "remat": "its code path: tests/metalearners/test_inner.py (remat); a "
+    "--smoke run compiles four Conv-4 meta-steps (about 40 s); its ratios: "
+    "test_remat_ratios below",
 }
+
+
+def test_remat_ratios():
+  sys.path.insert(0, str(BENCH_DIR))
+  try:
+    remat = _load("remat")
+  finally:
+    sys.path.remove(str(BENCH_DIR))
+  rows = [
+      {"inner_steps": s, "remat": r, "temp_bytes": t, "tasks_per_s": v}
+      for s, r, t, v in ((1, False, 10, 8.0), (1, True, 10, 8.0),
+                         (5, False, 50, 4.0), (5, True, 12, 2.0))
+  ]
+  remat.add_ratios(rows)
+  assert [r["temp_vs_fewest_steps"] for r in rows] == [1.0, 1.0, 5.0, 1.2]
+  assert [r["slowdown_vs_no_remat"] for r in rows] == [1.0, 1.0, 1.0, 2.0]
 
 
 def test_every_script_is_smoke_tested():
