@@ -1,5 +1,5 @@
-"""Memory and speed of second-order MAML against its inner steps, with and
-without rematerialisation (``learner.remat``).
+"""Memory and speed of second-order MAML against its inner steps, without
+rematerialisation and with each kind (``learner.remat``: true, nested).
 
 The workload: Omniglot-shaped 5-way 1-shot tasks (15 queries per class,
 random ``uint8`` images of Omniglot's shape, so no data is needed), Finn et
@@ -49,7 +49,7 @@ def _device_peak_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def measure(cfg, steps: int, remat: bool) -> dict:
+def measure(cfg, steps: int, remat: bool | str) -> dict:
   """Compiles and times one meta-step of MAML with ``steps`` inner steps."""
   sampler = synthetic_sampler(cfg)
   model = models.conv4(cfg["ways"], features=cfg["features"],
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     cfg["steps"] = tuple(args.steps)
   rows = []
   for steps in cfg["steps"]:
-    for remat in (False, True):
+    for remat in (False, True, "nested"):
       rows.append(measure(cfg, steps, remat))
       print(f"{steps} steps, remat={remat}: "
             f"{rows[-1]['temp_bytes'] / 2**20:.1f} MiB, "

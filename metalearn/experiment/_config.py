@@ -108,9 +108,12 @@ def _validate_rates(cfg) -> None:
   for field in ("num_inner_steps", "eval_num_inner_steps"):
     if learner.get(field) is not None:
       checks.int_at_least(cfg, f"learner.{field}", 0)
-  for field in ("first_order", "remat"):
-    if field in learner:
-      checks.boolean(cfg, f"learner.{field}")
+  if "first_order" in learner:
+    checks.boolean(cfg, "learner.first_order")
+  remat = learner.get("remat", False)
+  if not (isinstance(remat, bool) or remat == "nested"):
+    raise ConfigError(
+        f"learner.remat must be false, true or nested, got {remat!r}")
   rate = cfg["optimizer"].get("learning_rate")
   if isinstance(rate, Mapping):
     # A schedule: check its starting value where it has one.

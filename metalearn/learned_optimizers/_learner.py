@@ -67,7 +67,7 @@ def learned_optimizer_learner(
     *,
     first_order: bool = False,
     eval_num_inner_steps: int | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> MetaLearner:
   r"""A few-shot learner that meta-learns an initialisation and an optimiser.
 
@@ -89,8 +89,8 @@ def learned_optimizer_learner(
       the meta-parameters (the meta-gradient still flows through the
       parameters and the optimiser's outputs).
     eval_num_inner_steps: inner steps at meta-test time.
-    remat: recompute each inner step in the meta-gradient's backward pass
-      instead of storing its activations
+    remat: ``True`` or ``"nested"``: recompute the inner steps in the
+      meta-gradient's backward pass instead of storing their activations
       (:func:`metalearn.metalearners.inner_optimize`).
 
   Returns:
@@ -141,7 +141,7 @@ def meta_lstm(
     init_forget_bias: float = 5.0,
     first_order: bool = True,
     eval_num_inner_steps: int | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> MetaLearner:
   r"""The Meta-LSTM few-shot learner of Ravi & Larochelle (2017).
 

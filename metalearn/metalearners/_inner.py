@@ -1,5 +1,7 @@
 """The one inner loop: any optax transformation on one task's data."""
 
+import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -132,7 +134,7 @@ def inner_optimize(
     training: bool = True,
     batch_size: int | None = None,
     key: jax.Array | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> InnerResult:
   r"""Runs ``num_steps`` of ``tx`` on one task's data, as a ``lax.scan``.
 
@@ -186,6 +188,10 @@ def inner_optimize(
       optimiser and model state) and recomputes the step's forward and
       inner gradient from it, so memory no longer holds every step's
       activations, for about one more forward-and-gradient per step.
+      ``"nested"`` also groups the steps into about ``sqrt(num_steps)``
+      rematerialised chunks, so the backward pass keeps only one carry per
+      chunk and those of the chunk it is in (about ``2 sqrt(num_steps)``
+      instead of ``num_steps``), for one more forward pass per step.
       Results are unchanged.
 
   Returns:
@@ -228,15 +234,49 @@ def inner_optimize(
     updates, opt_state = tx.update(grads, opt_state, fast, value=loss)
     return (optax.apply_updates(fast, updates), opt_state, model_state), None
 
+  if remat not in REMATS:
+    raise ValueError(f"remat must be one of {REMATS}, got {remat!r}")
+  carry = (fast, opt_state, model_state)
   if remat:
     # Only the carry is a residual: a step's activations and inner
     # gradient are recomputed in the backward pass.
-    step = jax.checkpoint(
-        step, policy=jax.checkpoint_policies.nothing_saveable)
-  (fast, opt_state, model_state), _ = jax.lax.scan(
-      step, (fast, opt_state, model_state), rows,
-      length=num_steps if rows is None else None)
+    step = jax.checkpoint(step, policy=_SAVE_NOTHING)
+  if remat == "nested" and num_steps > 1:
+    carry = _nested_scan(step, carry, rows, num_steps)
+  else:
+    carry, _ = jax.lax.scan(step, carry, rows,
+                            length=num_steps if rows is None else None)
+  fast, opt_state, model_state = carry
   return InnerResult(join(fast), opt_state, model_state)
+
+
+REMATS = (False, True, "nested")
+_SAVE_NOTHING = jax.checkpoint_policies.nothing_saveable
+
+
+def _nested_scan(step, carry, rows, num_steps):
+  """``lax.scan(step)`` over ``num_steps`` as rematerialised chunks of
+  ``ceil(sqrt(num_steps))`` steps (then the remainder)."""
+  size = math.isqrt(num_steps - 1) + 1  # ceil(sqrt(n))
+  chunks, rest = divmod(num_steps, size)
+
+  def span(start, stop):
+    return None if rows is None else rows[start:stop]
+
+  @functools.partial(jax.checkpoint, policy=_SAVE_NOTHING)
+  def chunk(carry, chunk_rows):
+    return jax.lax.scan(step, carry, chunk_rows,
+                        length=size if chunk_rows is None else None)[0], None
+
+  grouped = span(0, chunks * size)
+  if grouped is not None:
+    grouped = grouped.reshape(chunks, size, *grouped.shape[1:])
+  carry, _ = jax.lax.scan(chunk, carry, grouped,
+                          length=chunks if grouped is None else None)
+  if rest:
+    carry, _ = jax.lax.scan(step, carry, span(chunks * size, num_steps),
+                            length=rest if rows is None else None)
+  return carry
 
 
 def inner_sgd(

@@ -48,7 +48,7 @@ def maml(
     eval_inner_lr: float | None = None,
     eval_num_inner_steps: int | None = None,
     adapt_only: str | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> MetaLearner:
   r"""Model-Agnostic Meta-Learning.
 
@@ -84,8 +84,10 @@ def maml(
     adapt_only: adapt only this top-level parameter sub-tree (``"head"`` is
       ANIL); ``None`` adapts everything.
     remat: recompute each inner step in the meta-gradient's backward pass
-      instead of storing its activations, so memory hardly grows with
-      ``num_inner_steps`` (:func:`inner_optimize`); same results.
+      instead of storing its activations (``True``), and also group the
+      steps into rematerialised chunks (``"nested"``), so memory hardly
+      grows with ``num_inner_steps`` (:func:`inner_optimize`); same
+      results, slower.
 
   Returns:
     A :class:`MetaLearner` whose meta-parameters are the model's params.
@@ -133,7 +135,7 @@ def anil(
     first_order: bool = False,
     eval_inner_lr: float | None = None,
     eval_num_inner_steps: int | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> MetaLearner:
   """Almost No Inner Loop: MAML that adapts only the final layer.
 
@@ -165,7 +167,7 @@ def metasgd(
     *,
     first_order: bool = False,
     eval_num_inner_steps: int | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> MetaLearner:
   r"""Meta-SGD: MAML with a meta-learned step size for every parameter.
 

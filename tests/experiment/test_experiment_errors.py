@@ -32,7 +32,7 @@ SINUSOID = ("experiment=sinusoid_maml", "debug=smoke")
          "optimizer.learning_rate.init_value must be a number > 0"),
         (("learner.inner_lr=0",), "learner.inner_lr must be a number > 0"),
         (("learner.remat=maybe",),
-         "learner.remat must be true or false, got 'maybe'"),
+         "learner.remat must be false, true or nested, got 'maybe'"),
         (("learner.inner_lr=-0.4",), "learner.inner_lr must be a number > 0"),
         (("learner.num_inner_steps=-1",),
          "learner.num_inner_steps must be an int >= 0"),

@@ -239,6 +239,14 @@ def test_adam_mini_batches_visit_each_example_once_per_pass(num_steps,
   assert int(adam[0].count) == num_steps
 
 
+def test_remat_must_be_a_known_kind():
+  model = _linear_model()
+  x = jnp.ones((2, DIM))
+  with pytest.raises(ValueError, match="remat must be one of"):
+    inner_optimize(model, optax.sgd(0.1), model.init(jax.random.key(0), x),
+                   x, jnp.ones((2, 1)), num_steps=1, remat="sqrt")
+
+
 def test_mini_batches_need_a_key():
   with pytest.raises(ValueError, match="need a key"):
     inner_optimize(_linear_model(), optax.sgd(0.1), _params(jnp.zeros((4, 1))),
@@ -367,29 +375,34 @@ def _conv_episode(key, norm="running"):
   return model, Episode(xs[:3], jnp.arange(3), xs[3:], jnp.arange(6) % 3)
 
 
-def test_remat_changes_memory_not_results():
+@pytest.mark.parametrize("remat", [True, "nested"])
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_remat_changes_memory_not_results(remat, batch_size):
   model, ep = _conv_episode(jax.random.key(0))
   params = model.init(jax.random.key(1), ep.support_x)
   state = model.init_state(jax.random.key(1), ep.support_x)
 
   def outer(params, remat):
+    # 5 steps: "nested" runs one chunk of 3, then the remaining 2.
     result = inner_optimize(model, optax.adam(0.1), params, ep.support_x,
-                            ep.support_y, num_steps=4, model_state=state,
-                            mask="head", remat=remat)
+                            ep.support_y, num_steps=5, model_state=state,
+                            mask="head", remat=remat, batch_size=batch_size,
+                            key=jax.random.key(5))
     out, _ = models.forward(model, result.params, result.model_state,
                             ep.query_x, training=True)
     return metalearners.task_loss(out, ep.query_y)[0]
 
   plain = jax.jit(jax.value_and_grad(outer), static_argnums=1)
-  chex.assert_trees_all_close(plain(params, True), plain(params, False),
-                              rtol=1e-5, atol=1e-7)
+  # Recomputed steps may fuse differently: equal up to float32 rounding.
+  chex.assert_trees_all_close(plain(params, remat), plain(params, False),
+                              rtol=1e-4, atol=1e-6)
   # The rematerialised step is a checkpoint in the program; without it,
   # there is none.
   def jaxpr(remat):
     return str(jax.make_jaxpr(jax.grad(outer), static_argnums=1)(
         params, remat))
 
-  assert "checkpoint" in jaxpr(True) or "remat" in jaxpr(True)
+  assert "checkpoint" in jaxpr(remat) or "remat" in jaxpr(remat)
   assert "checkpoint" not in jaxpr(False) and "remat" not in jaxpr(False)
 
 
@@ -406,7 +419,7 @@ def test_remat_changes_memory_not_results():
 ], ids=["maml", "anil", "metasgd", "lopt", "meta_lstm"])
 def test_learners_with_remat_have_the_same_meta_gradient(make):
   model, ep = _conv_episode(jax.random.key(2), norm="transductive")
-  plain, remat = make(model, False), make(model, True)
+  plain, remat = make(model, False), make(model, "nested")
   params = plain.init(jax.random.key(3), ep)
   key = jax.random.key(4)
   got = jax.jit(remat.meta_grad)(params, ep, key)
