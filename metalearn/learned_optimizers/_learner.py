@@ -127,7 +127,7 @@ def learned_optimizer_learner(
         first_order=first_order or not training,
         model_state=model_state,
         training=training,
-        remat=remat and training,
+        remat=remat if training else False,
     )
 
   return adaptation_learner(model, init, inner)

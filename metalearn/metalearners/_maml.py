@@ -122,7 +122,7 @@ def maml(
         num_steps=num_inner_steps if training else eval_num_inner_steps,
         first_order=first_order or not training, mask=adapt_only,
         model_state=model_state, training=training,
-        remat=remat and training)
+        remat=remat if training else False)
 
   return adaptation_learner(model, _init(model), inner)
 
@@ -209,6 +209,6 @@ def metasgd(
         episode.support_x, episode.support_y,
         num_steps=num_inner_steps if training else eval_num_inner_steps,
         first_order=first_order or not training, model_state=model_state,
-        training=training, remat=remat and training)
+        training=training, remat=remat if training else False)
 
   return adaptation_learner(model, init, inner)

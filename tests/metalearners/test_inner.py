@@ -425,3 +425,9 @@ def test_learners_with_remat_have_the_same_meta_gradient(make):
   got = jax.jit(remat.meta_grad)(params, ep, key)
   want = jax.jit(plain.meta_grad)(params, ep, key)
   chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-6)
+  # The learner passes the kind on: nested chunks are more checkpoints
+  # than one per step, which are more than none.
+  counts = [
+      str(jax.make_jaxpr(learner.meta_grad)(params, ep, key)).count("remat")
+      for learner in (plain, make(model, True), remat)]
+  assert counts[0] == 0 < counts[1] < counts[2], counts
