@@ -168,16 +168,21 @@ def metasgd(
     first_order: bool = False,
     eval_num_inner_steps: int | None = None,
     remat: bool | str = False,
+    inner_lr_range: tuple[float, float] | None = None,
 ) -> MetaLearner:
   r"""Meta-SGD: MAML with a meta-learned step size for every parameter.
 
   The inner update is :math:`\phi = \theta - \alpha \odot \nabla L(\theta)`
   with :math:`\alpha` a pytree shaped like :math:`\theta`, initialised to
-  ``inner_lr`` and meta-learned together with :math:`\theta`.
+  ``inner_lr`` (or drawn from ``inner_lr_range``) and meta-learned together
+  with :math:`\theta`.
 
   Args:
     model: the network.
     inner_lr: the initial value of every per-parameter step size.
+    inner_lr_range: ``(low, high)``: draw each step size uniformly from
+      it instead (Li et al. draw from ``[0.005, 0.1]``); ``None`` uses
+      ``inner_lr``.
     num_inner_steps: inner steps (Li et al. use 1).
     first_order: drop second-order terms.
     eval_num_inner_steps: inner steps at meta-test time.
@@ -196,10 +201,24 @@ def metasgd(
       num_inner_steps if eval_num_inner_steps is None else eval_num_inner_steps
   )
   check_inner(inner_lr, eval_num_inner_steps, "eval_inner")
+  if inner_lr_range is not None:
+    low, high = inner_lr_range
+    if not 0 < low <= high:
+      raise ValueError(
+          f"inner_lr_range must be (low, high) with 0 < low <= high, got "
+          f"{inner_lr_range!r}")
 
   def init(key, episode: Episode):
     params = model.init(key, episode.support_x)
-    lrs = jax.tree.map(lambda p: jnp.full_like(p, inner_lr), params)
+    if inner_lr_range is None:
+      lrs = jax.tree.map(lambda p: jnp.full_like(p, inner_lr), params)
+    else:
+      # Its own key: the model's initialisation is as with constant rates.
+      leaves, treedef = jax.tree.flatten(params)
+      keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+      lrs = treedef.unflatten([
+          jax.random.uniform(k, p.shape, p.dtype, low, high)
+          for k, p in zip(keys, leaves, strict=True)])
     return MetaSGDParams(params, lrs)
 
   def inner(params, model_state, episode: Episode, key, training: bool):

@@ -450,6 +450,32 @@ def test_metasgd_is_maml_on_an_mlp():
   chex.assert_trees_all_close(g_msgd.model, g_maml, rtol=1e-5, atol=1e-6)
 
 
+def test_metasgd_draws_its_rates_from_a_range():
+  sampler = tasks.sinusoid_sampler(num_shots=5, num_queries=5)
+  ep = sampler.sample(jax.random.key(0), None)
+  model = models.mlp(hidden=(8, 8))
+  drawn = metalearners.metasgd(model, 0.05, 1, inner_lr_range=(0.005, 0.1))
+  meta = drawn.init(jax.random.key(1), ep)
+  rates = np.concatenate([np.ravel(a)
+                          for a in jax.tree.leaves(meta.inner_lr)])
+  assert 0.005 <= rates.min() and rates.max() <= 0.1
+  assert rates.std() > 0.01  # Spread over the range, not one value.
+  again = drawn.init(jax.random.key(1), ep)
+  chex.assert_trees_all_equal(meta, again)
+  # The model's initialisation is that of constant rates.
+  constant = metalearners.metasgd(model, 0.05, 1).init(jax.random.key(1), ep)
+  chex.assert_trees_all_equal(meta.model, constant.model)
+  # Adaptation uses the drawn rates: one step is theta - alpha * grad.
+  grads = jax.grad(lambda p: metalearners.task_loss(
+      model.apply(p, ep.support_x), ep.support_y)[0])(meta.model)
+  adapted = drawn.adapt(meta, ep, None)
+  chex.assert_trees_all_close(
+      adapted, jax.tree.map(lambda p, a, g: p - a * g, meta.model,
+                            meta.inner_lr, grads), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="inner_lr_range"):
+    metalearners.metasgd(model, 0.05, 1, inner_lr_range=(0.1, 0.005))
+
+
 @pytest.mark.parametrize("training_mode", [True, False])
 def test_anil_adapts_only_the_head(training_mode):
   sampler = tasks.sinusoid_sampler(num_shots=5, num_queries=5)
