@@ -4,18 +4,60 @@ The data directory comes from ``$METALEARN_DATA_DIR`` (CI sets it to
 ``../shared/data``); when unset, it defaults to ``../shared/data`` next to the
 repository. Nothing is skipped: a missing directory fails with a message.
 Every cache the loaders write goes to a temporary directory, never to ``~``.
+
+XLA's persistent compilation cache is on for the session, in a temporary
+directory (subprocesses inherit it through ``$JAX_COMPILATION_CACHE_DIR``):
+tests that run the same programs again (a resumed run against a whole one, a
+command-line run against an in-process one) load the compiled executables
+instead of compiling them again. The executables are the ones a compile
+would build, so every result stays bit for bit the same.
 """
 
 import functools
 import os
 import pathlib
+import shutil
+import tempfile
 
+import jax
 import pytest
 
 from metalearn.data import CACHE_DIR_ENV, DATA_DIR_ENV, load_omniglot
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+_COMPILATION_CACHE_ENV = {
+    "JAX_COMPILATION_CACHE_DIR": None,  # Set in pytest_configure.
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+}
+_saved_env = {}
+
+
+def pytest_configure(config):
+  """Turns the compilation cache on before anything compiles."""
+  del config
+  cache = tempfile.mkdtemp(prefix="metalearn_xla_cache_")
+  env = dict(_COMPILATION_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=cache)
+  for name, value in env.items():
+    _saved_env[name] = os.environ.get(name)
+    os.environ[name] = value
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+  del config
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  for name, value in _saved_env.items():
+    if value is None:
+      os.environ.pop(name, None)
+    else:
+      os.environ[name] = value
+  if cache and pathlib.Path(cache).name.startswith("metalearn_xla_cache_"):
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 def _find_data_dir() -> pathlib.Path:
