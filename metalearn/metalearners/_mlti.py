@@ -144,7 +144,8 @@ def mlti(
     ...                models.conv4(3, features=8), sampler)
     >>> ep = sampler.sample(jax.random.key(0), pool)
     >>> params = learner.init(jax.random.key(1), ep)
-    >>> grads, metrics = learner.meta_grad(params, ep, jax.random.key(2))
+    >>> meta_grad = jax.jit(learner.meta_grad)
+    >>> grads, metrics = meta_grad(params, ep, jax.random.key(2))
     >>> sorted(metrics)
     ['outer/accuracy', 'outer/loss']
 
