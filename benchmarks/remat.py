@@ -12,11 +12,16 @@ tasks/s of the running step. Memory is compared with the 1-step program
 and time with the same program without remat, each within this run.
 
     python benchmarks/remat.py --out benchmarks/results/remat_cpu.json
+    python benchmarks/remat.py --isolate --out benchmarks/results/remat_gpu.json
     # --smoke: a tiny run that only checks the script works
 """
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import _harness
@@ -100,14 +105,22 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def markdown(rows, machine) -> str:
-  table = _harness.markdown_table(
-      ["inner steps", "remat", "temp memory (MiB)", "vs fewest steps",
-       "tasks/s", "time vs no remat", "compile (s)"],
-      [[r["inner_steps"], r["remat"], f"{r['temp_bytes'] / 2**20:.1f}",
-        f"{r['temp_vs_fewest_steps']:.2f}", f"{r['tasks_per_s']:.3g}",
-        "" if r["slowdown_vs_no_remat"] is None
-        else f"{r['slowdown_vs_no_remat']:.2f}",
-        f"{r['compile_s']:.1f}"] for r in rows])
+  peaks = any(r.get("device_peak_bytes") for r in rows)
+  header = ["inner steps", "remat", "temp memory (MiB)", "vs fewest steps"]
+  header += ["device peak (MiB)"] if peaks else []
+  header += ["tasks/s", "time vs no remat", "compile (s)"]
+  body = []
+  for r in rows:
+    line = [r["inner_steps"], r["remat"], f"{r['temp_bytes'] / 2**20:.1f}",
+            f"{r['temp_vs_fewest_steps']:.2f}"]
+    if peaks:
+      line.append(f"{(r.get('device_peak_bytes') or 0) / 2**20:.1f}")
+    line += [f"{r['tasks_per_s']:.3g}",
+             "" if r["slowdown_vs_no_remat"] is None
+             else f"{r['slowdown_vs_no_remat']:.2f}",
+             f"{r['compile_s']:.1f}"]
+    body.append(line)
+  table = _harness.markdown_table(header, body)
   return (f"{machine['cpu']}, {machine['cpu_count']} cores, "
           f"{jax.default_backend()}, jax {machine['jax']}\n\n{table}")
 
@@ -117,8 +130,36 @@ def parse_args(argv):
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--steps", type=int, nargs="+",
                       help="inner-step counts (default 1 5 10 20 50)")
+  parser.add_argument("--batch", type=int,
+                      help="tasks per meta-step (default 4)")
+  parser.add_argument("--isolate", action="store_true",
+                      help="measure each setting in a fresh process, so "
+                           "that device_peak_bytes (the allocator's "
+                           "high-water mark, which never falls) is that "
+                           "setting's own; use it on accelerators")
+  parser.add_argument("--one", nargs=2, metavar=("STEPS", "REMAT"),
+                      help=argparse.SUPPRESS)  # An --isolate child.
   parser.add_argument("--out", help="JSON results")
   return parser.parse_args(argv)
+
+
+def _remat_value(text: str) -> bool | str:
+  return {"False": False, "True": True}.get(text, text)
+
+
+def measure_in_child(args, steps: int, remat: bool | str) -> dict:
+  """:func:`measure` in a fresh process of this script (``--one``)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "row.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", str(steps),
+           str(remat), "--out", out]
+    if args.smoke:
+      cmd.append("--smoke")
+    if args.batch:
+      cmd += ["--batch", str(args.batch)]
+    subprocess.run(cmd, check=True)
+    with open(out) as f:
+      return json.load(f)
 
 
 def main(argv=None) -> int:
@@ -126,10 +167,19 @@ def main(argv=None) -> int:
   cfg = dict(SMOKE if args.smoke else FULL, smoke=args.smoke)
   if args.steps:
     cfg["steps"] = tuple(args.steps)
+  if args.batch:
+    cfg["batch"] = args.batch
+  cfg["isolated"] = args.isolate
+  if args.one:
+    row = measure(cfg, int(args.one[0]), _remat_value(args.one[1]))
+    with open(args.out, "w") as f:
+      json.dump(row, f)
+    return 0
   rows = []
   for steps in cfg["steps"]:
     for remat in (False, True, "nested"):
-      rows.append(measure(cfg, steps, remat))
+      rows.append(measure_in_child(args, steps, remat) if args.isolate
+                  else measure(cfg, steps, remat))
       print(f"{steps} steps, remat={remat}: "
             f"{rows[-1]['temp_bytes'] / 2**20:.1f} MiB, "
             f"{rows[-1]['tasks_per_s']:.3g} tasks/s", flush=True)

@@ -1,4 +1,5 @@
-"""Meta-training throughput of every meta-learner on the Omniglot workload.
+"""Meta-training throughput of every meta-learner on the Omniglot workload
+(and of Mini-ImageNet's models on Mini-ImageNet-shaped images).
 
 The workload: Omniglot 5-way 1-shot, 15 queries per class, meta-batch 32,
 Conv-4 with max-pooling and 64 filters (``models.conv4(5)`` for the
@@ -6,7 +7,10 @@ gradient-based learners, ``models.conv4(None)`` for ProtoNet). Episodes are
 drawn on device from a synthetic ``uint8`` pool of Omniglot's shape (4112
 classes x 20 examples x 28 x 28 x 1, the Vinyals training split with
 rotations), so no dataset is needed; the pixel values do not change the
-work done.
+work done. ``--shape mini_imagenet`` draws from a pool of 84 x 84 x 3
+images instead (64 classes) and runs Mini-ImageNet's models: MAML k=5 with
+Finn et al.'s 32-filter Conv-4 (``maml5_c32``), ProtoNet on the same
+(``protonet_c32``) and on ResNet-12 (``protonet_resnet12``).
 
 For each learner (and each ``--task-map``), a fresh subprocess builds
 ``training.make_meta_step`` and reports:
@@ -30,6 +34,8 @@ Usage:
   python benchmarks/throughput.py --out results/throughput.json
   python benchmarks/throughput.py --learners maml1,protonet \\
       --task-map scan,vmap --out results/scan_vs_vmap.json
+  python benchmarks/throughput.py --shape mini_imagenet --batch 4 \\
+      --out results/throughput_mini_imagenet.json
 """
 
 import argparse
@@ -68,6 +74,14 @@ LEARNERS = {
         models.conv4(5), inner_lr=0.001, num_inner_steps=5)),
     "protonet": ("ProtoNet", lambda: metalearners.protonet(
         models.conv4(None))),
+    # Mini-ImageNet's models (--shape mini_imagenet): Finn et al.'s Conv-4
+    # with 32 filters, and the ResNet-12 of MetaOptNet and its successors.
+    "maml5_c32": ("MAML k=5, Conv-4 (32)", lambda: metalearners.maml(
+        models.conv4(5, features=32), inner_lr=0.01, num_inner_steps=5)),
+    "protonet_c32": ("ProtoNet, Conv-4 (32)", lambda: metalearners.protonet(
+        models.conv4(None, features=32))),
+    "protonet_resnet12": ("ProtoNet, ResNet-12", lambda: (
+        metalearners.protonet(models.resnet12(None)))),
 }
 # GFLOP per task counted by hand for 5-way 1-shot, 15 queries: 2 x the
 # multiply-adds of the convolutions, zero padding included (XLA counts only
@@ -75,13 +89,25 @@ LEARNERS = {
 ANALYTIC_GFLOP = {"maml1": 5.21, "maml5": 8.68, "fomaml1": 4.64,
                   "protonet": 4.64}
 TASK_MAPS = ("auto", "vmap", "scan")
-OMNIGLOT_POOL = (4112, 20, 28, 28, 1)
+# Synthetic pools: (classes, examples per class, height, width, channels).
+# Omniglot: the Vinyals training split with rotations; Mini-ImageNet: its 64
+# training classes (20 examples each: how many there are does not change the
+# work of a step, only the memory of the pool).
+POOLS = {"omniglot": (4112, 20, 28, 28, 1),
+         "mini_imagenet": (64, 20, 84, 84, 3)}
+# The learners each shape runs unless --learners names others.
+DEFAULT_LEARNERS = {
+    "omniglot": ("maml1", "maml5", "fomaml1", "fomaml5", "anil", "metasgd",
+                 "reptile", "protonet"),
+    "mini_imagenet": ("maml5_c32", "protonet_c32", "protonet_resnet12"),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--learners", default=",".join(LEARNERS),
-                 help=f"comma-separated subset of {tuple(LEARNERS)}")
+  p.add_argument("--learners", default=None,
+                 help=f"comma-separated subset of {tuple(LEARNERS)} "
+                      "(default: the --shape's own, DEFAULT_LEARNERS)")
   p.add_argument("--task-map", default="auto",
                  help=f"comma-separated subset of {TASK_MAPS}")
   p.add_argument("--batch", type=int, default=32, help="tasks per meta-step")
@@ -90,13 +116,20 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--queries", type=int, default=15)
   p.add_argument("--repeats", type=int, default=5, help="timed calls")
   p.add_argument("--warmup", type=int, default=2, help="untimed calls")
-  p.add_argument("--pool-classes", type=int, default=OMNIGLOT_POOL[0])
+  p.add_argument("--shape", default="omniglot", choices=tuple(POOLS),
+                 help="the image shape of the synthetic pool")
+  p.add_argument("--pool-classes", type=int, default=None,
+                 help="classes in the pool (default: the dataset's)")
   p.add_argument("--matmul-size", type=int, default=4096)
   p.add_argument("--smoke", action="store_true",
                  help="batch 2, 1 repeat, tiny pool and matmul, for CI")
   p.add_argument("--out", default=None, help="write a JSON of the results")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.pool_classes is None:
+    args.pool_classes = POOLS[args.shape][0]
+  if args.learners is None:
+    args.learners = ",".join(DEFAULT_LEARNERS[args.shape])
   if args.smoke:
     args.batch, args.repeats, args.warmup = 2, 1, 1
     args.pool_classes, args.matmul_size = 2 * args.ways, 256
@@ -115,8 +148,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def synthetic_sampler(args) -> tasks.TaskSampler:
-  """An episode sampler over random ``uint8`` images of Omniglot's shape."""
-  shape = (args.pool_classes, *OMNIGLOT_POOL[1:])
+  """An episode sampler over random ``uint8`` images of the dataset's
+  shape (``--shape``)."""
+  shape = (args.pool_classes, *POOLS[args.shape][1:])
   images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
   pool = ClassPool(jax.device_put(images),
                    jax.device_put(np.arange(shape[0], dtype=np.int32)))
@@ -230,13 +264,14 @@ def spawn_worker(args, name: str, task_map: str) -> dict:
     out = os.path.join(tmp, "worker.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name,
            "--task-map", task_map, "--out", out]
-    for flag in ("batch", "ways", "shots", "queries", "repeats", "warmup",
-                 "pool_classes"):
+    for flag in ("shape", "batch", "ways", "shots", "queries", "repeats",
+                 "warmup", "pool_classes"):
       cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
       raise RuntimeError(
-          f"worker {name} ({task_map}) failed:\n{proc.stderr[-3000:]}")
+          f"worker {name} ({task_map}) failed with exit status "
+          f"{proc.returncode}:\n{proc.stderr[-3000:]}")
     with open(out) as f:
       return json.load(f)
 
@@ -248,11 +283,17 @@ def measure(args) -> tuple[float, list[dict]]:
   for name in args.learners:
     for task_map in args.task_map:
       print(f"{name} ({task_map}) ...", flush=True)
-      row = spawn_worker(args, name, task_map)
+      try:
+        row = spawn_worker(args, name, task_map)
+      except RuntimeError as e:  # Recorded; the other learners still run.
+        print(e, flush=True)
+        rows.append({"learner": name, "task_map": task_map,
+                     "error": str(e)[-1000:]})
+        continue
       gflop = counted[name] / 1e9
       analytic = (ANALYTIC_GFLOP.get(name)
-                  if (args.ways, args.shots, args.queries) == (5, 1, 15)
-                  else None)
+                  if (args.shape, args.ways, args.shots, args.queries)
+                  == ("omniglot", 5, 1, 15) else None)
       row.update(
           gflop_per_task_xla=gflop,
           gflop_per_task_analytic=analytic,
@@ -264,8 +305,9 @@ def measure(args) -> tuple[float, list[dict]]:
 
 
 def report(args, machine, peak, rows) -> None:
-  print(f"\nOmniglot {args.ways}-way {args.shots}-shot, {args.queries} "
-        f"queries, meta-batch {args.batch}, Conv-4 (64, max-pool); median "
+  image = "x".join(map(str, POOLS[args.shape][2:]))
+  print(f"\n{args.shape} ({image}) {args.ways}-way {args.shots}-shot, "
+        f"{args.queries} queries, meta-batch {args.batch}; median "
         f"of {args.repeats}; {machine['cpu']} ({machine['cpu_count']} "
         f"cores), jax {machine['jax']}; float32 matmul peak "
         f"{peak:.0f} GFLOP/s; % of peak from XLA's FLOP count\n")
@@ -276,8 +318,12 @@ def report(args, machine, peak, rows) -> None:
       [[LEARNERS[r["learner"]][0], r["task_map"], r["tasks_per_s"],
         r["compile_s"], r["peak_rss_bytes"] / 1e9, r["gflop_per_task_xla"],
         r["gflop_per_task_analytic"], r["achieved_gflops"],
-        100 * r["fraction_of_peak"]] for r in rows],
+        100 * r["fraction_of_peak"]] for r in rows if "error" not in r],
   ))
+  for r in rows:
+    if "error" in r:
+      print(f"{LEARNERS[r['learner']][0]} ({r['task_map']}): "
+            f"{r['error'].splitlines()[0]}")
 
 
 def main(argv=None) -> int:
@@ -295,7 +341,7 @@ def main(argv=None) -> int:
       "matmul_peak_gflops": peak, "fraction_of_peak_uses": "xla",
       "results": rows,
   })
-  return 0
+  return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
