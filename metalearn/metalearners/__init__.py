@@ -1,6 +1,7 @@
 """Meta-learners: MAML and its family, Prototypical Networks, MLTI."""
 
 from metalearn.metalearners._base import (
+    RUNNING_NORM_WARNING,
     MetaLearner,
     MixedLabels,
     WithModelState,
@@ -33,6 +34,7 @@ from metalearn.metalearners._reptile import ReptileParams, reptile
 __all__ = (
     "EpisodePair",
     "InnerResult",
+    "RUNNING_NORM_WARNING",
     "MetaLearner",
     "MetaSGDParams",
     "MixedInputs",
