@@ -229,8 +229,9 @@ RUNNING_NORM_WARNING = (
     "(norm='running') adapts on batch statistics in meta-training but on "
     "the stored ones at meta-test, where the inner step can diverge (MAML "
     "Omniglot 5w1s: 22.6% against 96.7% transductive, "
-    "benchmarks/README.md); use norm='transductive' (declared) or "
-    "norm='none' for the MAML family")
+    "benchmarks/README.md); use norm='support' (the support set's "
+    "statistics, in training and at test; not transductive) or "
+    "norm='transductive' for the MAML family")
 
 
 def adaptation_learner(
@@ -263,6 +264,15 @@ def adaptation_learner(
   TaskNorm, 2020), so building such a learner warns
   (:data:`RUNNING_NORM_WARNING`).
 
+  With a ``norm="support"`` model (their remedy) nothing is carried: the
+  meta-parameters are ``init_params``'s, adaptation runs on the support
+  set with its own batch statistics, in meta-training and at test alike,
+  and the queries are normalised with the statistics of the support set
+  under the adapted parameters (:func:`~metalearn.models.
+  support_statistics`, differentiated through in the meta-gradient). The
+  task parameters are then :class:`WithModelState` ``(adapted params,
+  support statistics)``; no query influences another.
+
   Args:
     model: the network.
     init_params: ``init_params(key, episode)`` -> the learner's parameters
@@ -276,7 +286,8 @@ def adaptation_learner(
   Returns:
     The :class:`MetaLearner`.
   """
-  stateful = models.has_state(model)
+  support = models.uses_support_statistics(model)
+  stateful = models.has_state(model) and not support
   if stateful:
     warnings.warn(RUNNING_NORM_WARNING, UserWarning, stacklevel=3)
 
@@ -293,9 +304,16 @@ def adaptation_learner(
 
   def adapt(meta_params, episode: Episode, key, training: bool = True):
     params, state = split(meta_params)
-    return inner(params, state, episode, key, training).params
+    adapted = inner(params, state, episode, key, training).params
+    if support:
+      return WithModelState(adapted, models.support_statistics(
+          model, adapted, episode.support_x))
+    return adapted
 
   def predict(meta_params, task_params, x):
+    if support:
+      return models.bind(model, task_params.model_state).apply(
+          task_params.params, x)
     return models.bind(model, split(meta_params)[1]).apply(task_params, x)
 
   def evaluate(meta_params, task_params, episode: Episode):

@@ -73,8 +73,10 @@ def maml(
   leave them unchanged (:func:`adaptation_learner`). ANIL and Meta-SGD do
   the same. Adapting at meta-test on statistics other than those it
   meta-trained on makes MAML fail there (22.6% on Omniglot 5-way 1-shot
-  against 96.7% transductive), so building it so warns; use
-  ``"transductive"`` or ``"none"``.
+  against 96.7% transductive), so building it so warns. ``"support"``
+  is the non-transductive mode that works: adaptation on the support set's
+  own statistics, queries normalised with them, in meta-training and at
+  test alike (:func:`adaptation_learner`).
 
   Args:
     model: the network; its output size is the number of ways.

@@ -67,6 +67,12 @@ def protonet(embed: Model) -> MetaLearner:
     one batch, as in training, and each query's embedding depends on the
     other queries of its episode (declared by ``transductive=True``);
     ``predict`` normalises the inputs it is given as one batch;
+  - ``norm="support"`` (Bronskill et al.'s support-set moments): the
+    support set is embedded with its own batch statistics and every query
+    is normalised with them, in meta-training and at test alike, so a
+    query's logits depend on that query and the support set only, and
+    nothing is carried; task parameters are then :class:`WithModelState`
+    ``((prototypes, present), support statistics)``;
   - ``norm="none"``: no normalisation.
 
   Args:
@@ -96,7 +102,8 @@ def protonet(embed: Model) -> MetaLearner:
     Snell, Swersky & Zemel, `Prototypical Networks for Few-shot Learning
     <https://arxiv.org/abs/1703.05175>`_, 2017.
   """
-  stateful = models.has_state(embed)
+  support = models.uses_support_statistics(embed)
+  stateful = models.has_state(embed) and not support
 
   def split(meta_params):
     if stateful:
@@ -113,6 +120,9 @@ def protonet(embed: Model) -> MetaLearner:
     """Support and query embeddings, from one batch when the statistics
     are the batch's (training, or transductive test)."""
     n = jax.tree.leaves(episode.support_x)[0].shape[0]
+    if support:
+      zs, stats = models.support_forward(embed, params, episode.support_x)
+      return zs, models.bind(embed, stats).apply(params, episode.query_x), stats
     if stateful and not training:
       run = models.bind(embed, state)
       return (run.apply(params, episode.support_x),
@@ -140,17 +150,33 @@ def protonet(embed: Model) -> MetaLearner:
   def adapt(meta_params, episode: Episode, key, training: bool = True):
     del key, training
     params, state = split(meta_params)
-    z, _, _ = embed_episode(params, state, episode, False)
-    return prototypes(z, episode.support_y, episode.support_y.shape[-1])
+    if support:
+      z, stats = models.support_forward(embed, params, episode.support_x)
+    else:
+      z, _, _ = embed_episode(params, state, episode, False)
+    protos = prototypes(z, episode.support_y, episode.support_y.shape[-1])
+    return WithModelState(protos, stats) if support else protos
 
   def evaluate(meta_params, task_params, episode: Episode):
+    if support:
+      return score(task_params.params,
+                   embed_with(meta_params, task_params, episode.query_x),
+                   episode.query_y)
     params, state = split(meta_params)
     _, z, _ = embed_episode(params, state, episode, False)
     return score(task_params, z, episode.query_y)
 
-  def predict(meta_params, task_params, x):
+  def embed_with(meta_params, task_params, x):
+    """Embeddings of ``x`` at meta-test (normalised with the support
+    statistics in ``task_params`` for ``norm="support"``)."""
     params, state = split(meta_params)
-    return classify(task_params, models.bind(embed, state).apply(params, x))
+    if support:
+      state = task_params.model_state
+    return models.bind(embed, state).apply(params, x)
+
+  def predict(meta_params, task_params, x):
+    protos = task_params.params if support else task_params
+    return classify(protos, embed_with(meta_params, task_params, x))
 
   def meta_grad(meta_params, episode: Episode, key):
     del key

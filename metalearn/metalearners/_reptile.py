@@ -92,7 +92,11 @@ def reptile(
   :class:`WithModelState`: the inner steps of meta-training use batch
   statistics and move the running statistics (the query set, scored only
   for the metrics, does not); meta-test adaptation and evaluation use the
-  stored statistics alone.
+  stored statistics alone. With ``norm="support"`` nothing is carried:
+  every inner step uses the statistics of its own batch, and the queries
+  are normalised with the support set's statistics under the adapted
+  weights (task parameters :class:`WithModelState` ``(weights,
+  statistics)``), in meta-training's metrics and at test alike.
 
   Returns:
     A :class:`MetaLearner`; its metrics score the adapted weights on the
@@ -124,7 +128,8 @@ def reptile(
       (optax.sgd(inner_lr), optax.sgd(eval_inner_lr))
       if inner_optimizer is None else (inner_optimizer, inner_optimizer))
 
-  stateful = models.has_state(model)
+  support = models.uses_support_statistics(model)
+  stateful = models.has_state(model) and not support
 
   def init(key, episode: Episode):
     params = model.init(key, episode.support_x)
@@ -154,10 +159,21 @@ def reptile(
         batch_size=inner_batch_size if training else eval_inner_batch_size,
         key=key)
 
+  def task(adapted, episode: Episode):
+    """Task parameters: the adapted weights (and, for ``norm="support"``,
+    the support set's statistics under them)."""
+    if not support:
+      return adapted
+    return WithModelState(adapted, models.support_statistics(
+        model, adapted, episode.support_x))
+
   def adapt(meta_params, episode: Episode, key, training: bool = True):
-    return inner(meta_params, episode, key, training)[0]
+    return task(inner(meta_params, episode, key, training)[0], episode)
 
   def predict(meta_params, task_params, x):
+    if support:
+      return models.bind(model, task_params.model_state).apply(
+          task_params.params, x)
     return models.bind(model, split(meta_params)[2]).apply(task_params, x)
 
   def evaluate(meta_params, task_params, episode: Episode):
@@ -169,8 +185,11 @@ def reptile(
         inner(meta_params, episode, key, True))
     # Metrics with the training forward; the query set does not move the
     # running statistics (Reptile trains on the inner steps alone).
-    out = models.forward(model, adapted, model_state, episode.query_x,
-                         training=True)[0]
+    if support:
+      out = predict(meta_params, task(adapted, episode), episode.query_x)
+    else:
+      out = models.forward(model, adapted, model_state, episode.query_x,
+                           training=True)[0]
     _, metrics = task_loss(out, episode.query_y)
     grads = jax.tree.map(jnp.subtract, split(meta_params)[0], adapted)
     # The carried entries are the task's new values (MetaLearner.carried).

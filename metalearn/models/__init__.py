@@ -7,6 +7,9 @@ from metalearn.models._base import (
     forward,
     from_flax,
     has_state,
+    support_forward,
+    support_statistics,
+    uses_support_statistics,
 )
 from metalearn.models._conv import conv2d
 from metalearn.models._layers import BatchNorm, max_pool_2x2
@@ -29,4 +32,7 @@ __all__ = (
     "max_pool_2x2",
     "mlp",
     "resnet12",
+    "support_forward",
+    "support_statistics",
+    "uses_support_statistics",
 )

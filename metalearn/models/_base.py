@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 
 PyTree = Any
-NORMS = ("transductive", "running", "none")
+NORMS = ("transductive", "running", "support", "none")
 
 
 class Model(NamedTuple):
@@ -41,6 +41,12 @@ class Model(NamedTuple):
   ``transductive`` declares that an input's outputs depend on the other
   inputs of its batch at meta-test time (batch statistics,
   ``norm="transductive"``).
+
+  ``support_norm`` marks a model whose state is not meta-learned but
+  belongs to one task (``norm="support"``): the statistics of the task's
+  support set (:func:`support_statistics`), with which the queries are
+  normalised in meta-training and at test alike. The learners compute it
+  per task instead of carrying it.
   """
 
   init: Callable[[jax.Array, jax.Array], PyTree]
@@ -49,6 +55,7 @@ class Model(NamedTuple):
   init_state: Callable[[jax.Array, jax.Array], PyTree] | None = None
   apply_with_state: Callable[..., tuple[jax.Array, PyTree]] | None = None
   transductive: bool = False
+  support_norm: bool = False
 
 
 def has_state(model: Model) -> bool:
@@ -60,11 +67,42 @@ def forward(model: Model, params: PyTree, state: PyTree, x: jax.Array, *,
             training: bool) -> tuple[jax.Array, PyTree]:
   """Runs ``model`` with its state: ``(outputs, new_state)``.
 
-  A stateless model ignores ``state`` and returns it unchanged.
+  A stateless model ignores ``state`` and returns it unchanged. A model with
+  state given ``state=None`` runs with the statistics of the batch at hand
+  (``model.apply``) and returns ``None``: how support-norm learners adapt
+  on a support set.
   """
-  if not has_state(model):
+  if not has_state(model) or state is None:
     return model.apply(params, x), state
   return model.apply_with_state(params, state, x, training)
+
+
+def uses_support_statistics(model: Model) -> bool:
+  """Whether ``model`` normalises queries with the support set's
+  statistics (``norm="support"``) rather than meta-learned state."""
+  return model.support_norm
+
+
+def support_forward(model: Model, params: PyTree,
+                    x: jax.Array) -> tuple[jax.Array, PyTree]:
+  """Runs a task's support set ``x`` with its own batch statistics:
+  ``(outputs, state)``, the state holding those statistics
+  (:func:`support_statistics`)."""
+  shapes = jax.eval_shape(model.init_state, jax.random.key(0), x)
+  zeros = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), shapes)
+  return model.apply_with_state(params, zeros, x, True)
+
+
+def support_statistics(model: Model, params: PyTree,
+                       x: jax.Array) -> PyTree:
+  """The state that normalises inputs with the statistics of ``x``.
+
+  For a ``norm="support"`` model: run ``x`` (a task's support set) with
+  batch statistics and return them, differentiable with respect to
+  ``params``; ``bind(model, state)`` or ``forward(..., training=False)``
+  then normalises any input (a query) with them alone.
+  """
+  return support_forward(model, params, x)[1]
 
 
 def bind(model: Model, state: PyTree) -> Model:
@@ -91,7 +129,8 @@ def check_norm(norm: str) -> None:
 
 
 def from_flax(module: nn.Module, *, train_arg: str | None = None,
-              transductive: bool = False) -> Model:
+              transductive: bool = False,
+              state_gradients: bool = False) -> Model:
   """Wraps a flax ``linen`` module as a :class:`Model`.
 
   A module with only a ``"params"`` collection becomes a stateless model.
@@ -107,6 +146,9 @@ def from_flax(module: nn.Module, *, train_arg: str | None = None,
     transductive: declare that an input's outputs depend on the other
       inputs of its batch (a norm layer that always uses batch
       statistics, as :class:`~metalearn.models.BatchNorm` by default).
+    state_gradients: let gradients flow through the new state (the
+      support statistics of ``norm="support"``); running statistics are
+      constants to the gradient (the default).
 
   Returns:
     A :class:`Model` whose params are the module's ``"params"`` collection
@@ -147,7 +189,8 @@ def from_flax(module: nn.Module, *, train_arg: str | None = None,
                           **flags), state
     out, updates = module.apply({"params": params, "batch_stats": state},
                                 x, mutable=["batch_stats"], **flags)
-    return out, jax.lax.stop_gradient(updates["batch_stats"])
+    new = updates["batch_stats"]
+    return out, new if state_gradients else jax.lax.stop_gradient(new)
 
   def apply_train(params, x):
     # Training outputs use batch statistics only, so any stored values do:

@@ -44,12 +44,20 @@ class BatchNorm(nn.Module):
   (flax's and PyTorch's convention); with ``train=False`` it normalises
   with the running estimates alone, so each input's output depends on that
   input only (Snell et al.'s and most libraries' test-time behaviour).
-  Only the scale and offset are parameters.
+
+  With ``support=True`` the stored values are not running estimates but
+  the statistics of the last training batch, gradients included: a task's
+  support set run with ``train=True`` stores its statistics, and inputs
+  run with ``train=False`` (the queries) are normalised with them, so each
+  query's output depends on the support set and itself only, in
+  meta-training and at test alike (the support-set moments of Bronskill et
+  al., TaskNorm, 2020). Only the scale and offset are parameters.
   """
 
   epsilon: float = 1e-5
   momentum: float = 0.9
   running: bool = False
+  support: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -57,19 +65,22 @@ class BatchNorm(nn.Module):
     axes = tuple(range(x.ndim - 1))
     # The running estimates exist from init on; a training forward that
     # cannot update them (a layer-by-layer stage) need not see them.
-    stored = self.running and (
+    keeps = self.running or self.support
+    stored = keeps and (
         not train or self.is_mutable_collection("batch_stats"))
     if stored:
       ra_mean = self.variable("batch_stats", "mean", jnp.zeros,
                               (features,), jnp.float32)
       ra_var = self.variable("batch_stats", "var", jnp.ones,
                              (features,), jnp.float32)
-    if self.running and not train:
+    if keeps and not train:
       mean, var = ra_mean.value, ra_var.value
     else:
       mean = x.mean(axes)
       var = jnp.square(x - mean).mean(axes)
-      if stored and not self.is_initializing():
+      if stored and self.support and not self.is_initializing():
+        ra_mean.value, ra_var.value = mean, var
+      elif stored and not self.is_initializing():
         m = self.momentum
         ra_mean.value = (m * ra_mean.value
                          + (1 - m) * jax.lax.stop_gradient(mean))
@@ -85,9 +96,11 @@ def norm_layer(norm: str, x: jax.Array, train: bool) -> jax.Array:
   """Applies the normalisation ``norm`` names (inside a compact module).
 
   ``"transductive"``: :class:`BatchNorm` with batch statistics;
-  ``"running"``: :class:`BatchNorm` with running statistics; ``"none"``:
-  the identity.
+  ``"running"``: :class:`BatchNorm` with running statistics;
+  ``"support"``: :class:`BatchNorm` with the support set's statistics;
+  ``"none"``: the identity.
   """
   if norm == "none":
     return x
-  return BatchNorm(running=norm == "running")(x, train)
+  return BatchNorm(running=norm == "running",
+                   support=norm == "support")(x, train)

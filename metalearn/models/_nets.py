@@ -98,8 +98,8 @@ class Conv4(nn.Module):
     readout: ``None`` (as ``downsample`` says), ``"mean"`` (average the last
       map over space) or ``"flatten"`` (Nichol et al.'s Reptile network:
       stride-2 convolutions, the last 2x2 map flattened).
-    norm: ``"transductive"``, ``"running"`` or ``"none"`` (see
-      :func:`conv4`).
+    norm: ``"transductive"``, ``"running"``, ``"support"`` or ``"none"``
+      (see :func:`conv4`).
   """
 
   num_outputs: int | None
@@ -147,7 +147,11 @@ def conv4(
       queries normalised with it). ``"running"``: batch statistics in
       training, running statistics kept as the model's state (updated from
       the training batches) and used alone at meta-test, as Snell et al.
-      and most libraries. ``"none"``: no normalisation.
+      and most libraries. ``"support"``: each task's queries normalised
+      with the statistics of its support set, in meta-training and at
+      test alike (Bronskill et al.'s support-set moments; no query
+      influences another, and nothing is carried between tasks).
+      ``"none"``: no normalisation.
 
   Returns:
     The model; params are ``{"block0".."block3", "head"}``. Its
@@ -186,10 +190,13 @@ def conv4(
 
 
 def _from_module(module: nn.Module, norm: str) -> Model:
-  """A model of ours as a :class:`Model`, with state for running norm."""
-  return from_flax(module,
-                   train_arg="train" if norm == "running" else None,
-                   transductive=norm == "transductive")
+  """A model of ours as a :class:`Model`, with state for running and
+  support norm."""
+  keeps = norm in ("running", "support")
+  return from_flax(module, train_arg="train" if keeps else None,
+                   transductive=norm == "transductive",
+                   state_gradients=norm == "support")._replace(
+                       support_norm=norm == "support")
 
 
 class MLP(nn.Module):
@@ -285,8 +292,8 @@ def resnet12(
     num_outputs: classes of the linear head, or ``None`` for an embedding
       (640 features after global average pooling).
     widths: channels of the four residual blocks.
-    norm: ``"transductive"``, ``"running"`` or ``"none"``, as in
-      :func:`conv4`.
+    norm: ``"transductive"``, ``"running"``, ``"support"`` or ``"none"``,
+      as in :func:`conv4`.
 
   Returns:
     The model; its ``layers`` are the four blocks and the readout.

@@ -21,7 +21,8 @@ import pytest
 from metalearn.types import ClassPool
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
-SCRIPTS = ("conv_in_scan", "pooling", "reproduce", "sampling", "throughput")
+SCRIPTS = ("conv_in_scan", "norm_modes", "pooling", "reproduce", "sampling",
+           "throughput")
 
 
 def _load(name: str):
@@ -132,6 +133,17 @@ def test_sampling_smoke(bench, tmp_path, data_dir, omniglot):
   assert res["speedup"] == pytest.approx(
       res["device_episodes_per_s"] / res["host_episodes_per_s"]
   )
+
+
+def test_norm_modes_smoke(bench, tmp_path, data_dir):
+  # One learner and one mode: the script's every path, in seconds.
+  result = _run(bench["norm_modes"], tmp_path, "--data-dir", str(data_dir),
+                "--learners", "maml", "--modes", "support")
+  assert result["benchmark"] == "norm_modes"
+  (row,) = result["results"]
+  assert (row["learner"], row["norm"], row["transductive"]) == (
+      "maml", "support", False)
+  assert 0 <= row["val_accuracy"] <= 1 and 0 <= row["test_accuracy"] <= 1
 
 
 def test_host_sampler_draws_valid_episodes(bench):

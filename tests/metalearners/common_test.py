@@ -147,6 +147,16 @@ LEARNERS_UNDER_TEST: tuple[LearnerCase, ...] = (
         "meta_lstm_running", lambda: lo.meta_lstm(_running(), 2),
         "omniglot",
     ),
+    # norm="support": the support set's statistics, per task, not carried.
+    LearnerCase(
+        "maml_support", lambda: metalearners.maml(_conv(norm="support"), 0.4),
+        "omniglot",
+    ),
+    LearnerCase(
+        "protonet_support",
+        lambda: metalearners.protonet(_conv(None, norm="support")),
+        "omniglot",
+    ),
 )
 
 # Learners checked for the independence of a query's outputs only (one
@@ -181,6 +191,21 @@ INDEPENDENCE_ONLY: tuple[LearnerCase, ...] = (
     LearnerCase("protonet_no_norm",
                 lambda: metalearners.protonet(_conv(None, norm="none")),
                 "omniglot"),
+    LearnerCase("anil_support",
+                lambda: metalearners.anil(_conv(norm="support"), 0.4),
+                "omniglot"),
+    LearnerCase("metasgd_support",
+                lambda: metalearners.metasgd(_conv(norm="support"), 0.4),
+                "omniglot"),
+    LearnerCase(
+        "reptile_support",
+        lambda: metalearners.reptile(
+            _conv(norm="support"), 0.1, num_inner_steps=2,
+            inner_batch_size=2),
+        "omniglot",
+    ),
+    LearnerCase("meta_lstm_support",
+                lambda: lo.meta_lstm(_conv(norm="support"), 2), "omniglot"),
 )
 
 _CASES = [pytest.param(c, id=c.name) for c in LEARNERS_UNDER_TEST]

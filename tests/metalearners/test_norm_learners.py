@@ -8,11 +8,14 @@ does not adapt weights, and models without running statistics do not.
 
 import warnings
 
+import jax
+import numpy as np
 import pytest
 
-from metalearn import metalearners, models
+from metalearn import metalearners, models, tasks
 from metalearn.learned_optimizers import meta_lstm
 from metalearn.metalearners import RUNNING_NORM_WARNING
+from metalearn.types import ClassPool
 
 ADAPTERS = {
     "maml": lambda m: metalearners.maml(m, 0.4),
@@ -43,3 +46,73 @@ def test_protonet_with_running_norm_does_not_warn():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     metalearners.protonet(models.conv4(None, features=4, norm="running"))
+
+
+# norm="support": the queries normalised with the support set's statistics,
+# the same in meta-training and at test, nothing carried.
+
+SUPPORT_LEARNERS = {
+    "maml": lambda m: metalearners.maml(m, 0.4, 2),
+    "anil": lambda m: metalearners.anil(m, 0.4, 2),
+    "metasgd": lambda m: metalearners.metasgd(m, 0.4, 2),
+    "reptile": lambda m: metalearners.reptile(m, 0.1, num_inner_steps=2),
+    "protonet": lambda m: metalearners.protonet(m),
+}
+
+
+def _episode():
+  images = np.random.default_rng(0).integers(0, 256, (6, 4, 28, 28, 1),
+                                             dtype=np.uint8)
+  pool = ClassPool(images, np.arange(6, dtype=np.int32))
+  sampler = tasks.episode_sampler(pool, num_ways=3, num_shots=2,
+                                  num_queries=2)
+  return sampler.sample(jax.random.key(0), pool)
+
+
+@pytest.mark.parametrize("name", sorted(SUPPORT_LEARNERS))
+def test_support_norm_learners_carry_nothing_and_train_as_they_test(name):
+  """Nothing is carried, and the query loss of meta-training equals the
+  one of meta-test adaptation and evaluation (the same normalisation in
+  both; MAML-family step sizes and step counts are the same in both)."""
+  embed = name == "protonet"
+  model = models.conv4(None if embed else 3, features=4, norm="support")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    learner = SUPPORT_LEARNERS[name](model)
+  ep = _episode()
+  key = jax.random.key(3)
+  params = learner.init(jax.random.key(1), ep)
+  assert not isinstance(params, metalearners.WithModelState)
+  assert learner.carried is None
+  assert not learner.transductive
+  task_params = learner.adapt(params, ep, key, training=False)
+  assert isinstance(task_params, metalearners.WithModelState)
+  test_loss, _ = learner.evaluate(params, task_params, ep)
+  _, metrics = learner.meta_grad(params, ep, key)
+  if name != "reptile":  # Reptile's meta-test adaptation has its own steps.
+    np.testing.assert_allclose(metrics["outer/loss"], test_loss, rtol=2e-5)
+  # A query's outputs do not depend on the other queries.
+  full = learner.predict(params, task_params, ep.query_x)
+  alone = learner.predict(params, task_params, ep.query_x[:1])
+  np.testing.assert_array_equal(full[:1], alone)
+
+
+def test_support_norm_meta_gradient_flows_through_the_statistics():
+  """The queries' normalisation is differentiated through: the MAML
+  meta-gradient differs from one that holds the support statistics
+  constant."""
+  model = models.conv4(3, features=4, norm="support")
+  ep = _episode()
+  learner = metalearners.maml(model, 0.4, 1)
+  params = learner.init(jax.random.key(1), ep)
+  grads, _ = learner.meta_grad(params, ep, jax.random.key(2))
+
+  def held(params):
+    task = learner.adapt(params, ep, jax.random.key(2))
+    task = task._replace(model_state=jax.lax.stop_gradient(task.model_state))
+    return learner.evaluate(params, task, ep)[0]
+
+  constant = jax.grad(held)(params)
+  diff = max(jax.tree.leaves(jax.tree.map(
+      lambda a, b: float(np.abs(a - b).max()), grads, constant)))
+  assert diff > 1e-6

@@ -22,7 +22,8 @@ def test_conv4_norm_modes(norm):
   model = models.conv4(5, features=8, norm=norm)
   x = _images()
   params = model.init(jax.random.key(0), x)
-  assert models.has_state(model) == (norm == "running")
+  assert models.has_state(model) == (norm in ("running", "support"))
+  assert models.uses_support_statistics(model) == (norm == "support")
   assert model.transductive == (norm == "transductive")
   assert ("BatchNorm_0" in params["block0"]) == (norm != "none")
   state = (model.init_state(jax.random.key(0), x)
@@ -47,6 +48,18 @@ def test_conv4_norm_modes(norm):
                                rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * conv.var((0, 1, 2)),
                                rtol=1e-4)
+  if norm == "support":
+    # The state is the batch's own statistics: the support set normalised
+    # with them gives its training outputs again.
+    stats = models.support_statistics(model, params, x)
+    conv = jax.lax.conv_general_dilated(
+        x, params["block0"]["Conv_0"]["kernel"], (1, 1), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    ) + params["block0"]["Conv_0"]["bias"]
+    np.testing.assert_allclose(stats["block0"]["BatchNorm_0"]["var"],
+                               conv.var((0, 1, 2)), rtol=1e-4)
+    np.testing.assert_allclose(models.bind(model, stats).apply(params, x),
+                               out, rtol=1e-5, atol=1e-6)
 
 
 def test_running_norm_uses_stored_statistics_at_test():
