@@ -5,7 +5,12 @@ meta-learners, jitted and vmapped over tasks. Heavy optional dependencies
 (hydra, wandb, tensorflow) are imported only by the modules that need them.
 """
 
-from metalearn import (
+# Before anything imports jax: XLA reads XLA_FLAGS when jax starts a backend.
+from metalearn import _xla_flags
+
+_xla_flags.apply()
+
+from metalearn import (  # noqa: E402
     data,
     learned_optimizers,
     metalearners,
@@ -13,7 +18,7 @@ from metalearn import (
     tasks,
     training,
 )
-from metalearn.types import ClassPool, Episode
+from metalearn.types import ClassPool, Episode  # noqa: E402
 
 __version__ = "0.1.0"
 
