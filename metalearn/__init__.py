@@ -5,12 +5,7 @@ meta-learners, jitted and vmapped over tasks. Heavy optional dependencies
 (hydra, wandb, tensorflow) are imported only by the modules that need them.
 """
 
-# Before anything imports jax: XLA reads XLA_FLAGS when jax starts a backend.
-from metalearn import _xla_flags
-
-_xla_flags.apply()
-
-from metalearn import (  # noqa: E402
+from metalearn import (
     data,
     learned_optimizers,
     metalearners,
@@ -18,7 +13,7 @@ from metalearn import (  # noqa: E402
     tasks,
     training,
 )
-from metalearn.types import ClassPool, Episode  # noqa: E402
+from metalearn.types import ClassPool, Episode
 
 __version__ = "0.1.0"
 
