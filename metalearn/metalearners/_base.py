@@ -224,6 +224,40 @@ def with_model_state(carried=None):
   return mark
 
 
+class AdaptedModel(NamedTuple):
+  """How an adapting learner turns adapted weights into task parameters
+  and predictions, whatever the model's normalisation.
+
+  ``task(adapted, support_x)`` gives the task parameters: the adapted
+  weights, or for a ``norm="support"`` model :class:`WithModelState`
+  ``(weights, the support set's statistics under them)``.
+  ``predict(model_state, task_params, x)`` runs the model on ``x`` with
+  the stored ``model_state`` (running statistics, or ``None``), or with
+  the task's support statistics.
+  """
+
+  task: Callable[[PyTree, jax.Array], PyTree]
+  predict: Callable[[PyTree, PyTree, jax.Array], jax.Array]
+
+
+def adapted_model(model: Model) -> AdaptedModel:
+  """:class:`AdaptedModel` of ``model`` (MAML family, Reptile)."""
+  support = models.uses_support_statistics(model)
+
+  def task(adapted, support_x):
+    if not support:
+      return adapted
+    return WithModelState(adapted, models.support_statistics(
+        model, adapted, support_x))
+
+  def predict(model_state, task_params, x):
+    if support:
+      model_state, task_params = task_params.model_state, task_params.params
+    return models.bind(model, model_state).apply(task_params, x)
+
+  return AdaptedModel(task, predict)
+
+
 RUNNING_NORM_WARNING = (
     "gradient-based adaptation with running batch-norm statistics "
     "(norm='running') adapts on batch statistics in meta-training but on "
@@ -302,19 +336,15 @@ def adaptation_learner(
       return params
     return WithModelState(params, model.init_state(key, episode.support_x))
 
+  run = adapted_model(model)
+
   def adapt(meta_params, episode: Episode, key, training: bool = True):
     params, state = split(meta_params)
-    adapted = inner(params, state, episode, key, training).params
-    if support:
-      return WithModelState(adapted, models.support_statistics(
-          model, adapted, episode.support_x))
-    return adapted
+    return run.task(inner(params, state, episode, key, training).params,
+                    episode.support_x)
 
   def predict(meta_params, task_params, x):
-    if support:
-      return models.bind(model, task_params.model_state).apply(
-          task_params.params, x)
-    return models.bind(model, split(meta_params)[1]).apply(task_params, x)
+    return run.predict(split(meta_params)[1], task_params, x)
 
   def evaluate(meta_params, task_params, episode: Episode):
     return task_loss(predict(meta_params, task_params, episode.query_x),

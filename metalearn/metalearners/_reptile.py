@@ -10,6 +10,7 @@ from metalearn import models
 from metalearn.metalearners._base import (
     MetaLearner,
     WithModelState,
+    adapted_model,
     make_learner,
     task_loss,
     with_model_state,
@@ -159,22 +160,14 @@ def reptile(
         batch_size=inner_batch_size if training else eval_inner_batch_size,
         key=key)
 
-  def task(adapted, episode: Episode):
-    """Task parameters: the adapted weights (and, for ``norm="support"``,
-    the support set's statistics under them)."""
-    if not support:
-      return adapted
-    return WithModelState(adapted, models.support_statistics(
-        model, adapted, episode.support_x))
+  run = adapted_model(model)
 
   def adapt(meta_params, episode: Episode, key, training: bool = True):
-    return task(inner(meta_params, episode, key, training)[0], episode)
+    return run.task(inner(meta_params, episode, key, training)[0],
+                    episode.support_x)
 
   def predict(meta_params, task_params, x):
-    if support:
-      return models.bind(model, task_params.model_state).apply(
-          task_params.params, x)
-    return models.bind(model, split(meta_params)[2]).apply(task_params, x)
+    return run.predict(split(meta_params)[2], task_params, x)
 
   def evaluate(meta_params, task_params, episode: Episode):
     return task_loss(predict(meta_params, task_params, episode.query_x),
@@ -186,7 +179,8 @@ def reptile(
     # Metrics with the training forward; the query set does not move the
     # running statistics (Reptile trains on the inner steps alone).
     if support:
-      out = predict(meta_params, task(adapted, episode), episode.query_x)
+      out = predict(meta_params, run.task(adapted, episode.support_x),
+                    episode.query_x)
     else:
       out = models.forward(model, adapted, model_state, episode.query_x,
                            training=True)[0]

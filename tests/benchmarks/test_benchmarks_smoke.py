@@ -77,6 +77,9 @@ def test_pooling_smoke(bench, tmp_path):
     assert r["speedup"] == pytest.approx(
         r["reduce_window_ms"] / r["reshape_max_ms"]
     )
+    assert r["slices_vs_reshape"] == pytest.approx(
+        r["reshape_max_ms"] / r["slices_max_ms"]
+    )
 
 
 # Scripts whose smoke run lives elsewhere or cannot run in CI, and why.
