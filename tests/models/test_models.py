@@ -1,5 +1,9 @@
 """Conv-4 variants, fast max-pooling and per-batch BatchNorm."""
 
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -131,3 +135,31 @@ def test_batch_norm_under_vmap_normalises_each_task_separately():
   for t in range(3):
     _assert_standardised(batched[t], (0, 1, 2))
     np.testing.assert_allclose(batched[t], apply(tasks[t]), atol=1e-5)
+
+
+_RESNET_PROTONET_GRAD = """
+import jax, numpy as np
+from metalearn import metalearners, models, tasks
+from metalearn.types import ClassPool
+images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 16, 3),
+                                           dtype=np.uint8)
+pool = ClassPool(images, np.arange(5, dtype=np.int32))
+sampler = tasks.episode_sampler(pool, num_ways=5, num_shots=1,
+                                num_queries=15)
+episode = sampler.sample(jax.random.key(0), pool)
+learner = metalearners.protonet(models.resnet12(None, widths=(64,)))
+params = learner.init(jax.random.key(1), episode)
+_, metrics = jax.jit(learner.meta_grad)(params, episode, jax.random.key(2))
+assert np.isfinite(float(metrics["outer/loss"]))
+"""
+
+
+def test_resnet_protonet_gradient_runs_on_cpu():
+  """A ProtoNet meta-gradient through a 64-wide residual block and its
+  max-pool, in its own process: jaxlib 0.10.2's XLA:CPU killed such a
+  process when max_pool_2x2 reduced over reshaped windows
+  (jax-ml/jax#40412)."""
+  proc = subprocess.run([sys.executable, "-c", _RESNET_PROTONET_GRAD],
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
