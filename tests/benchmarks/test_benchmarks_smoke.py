@@ -141,11 +141,11 @@ def test_sampling_smoke(bench, tmp_path, data_dir, omniglot):
 def test_norm_modes_smoke(bench, tmp_path, data_dir):
   # One learner and one mode: the script's every path, in seconds.
   result = _run(bench["norm_modes"], tmp_path, "--data-dir", str(data_dir),
-                "--learners", "maml", "--modes", "support")
+                "--learners", "protonet", "--modes", "support")
   assert result["benchmark"] == "norm_modes"
   (row,) = result["results"]
   assert (row["learner"], row["norm"], row["transductive"]) == (
-      "maml", "support", False)
+      "protonet", "support", False)
   assert 0 <= row["val_accuracy"] <= 1 and 0 <= row["test_accuracy"] <= 1
 
 
