@@ -25,6 +25,10 @@ TASK_AXIS = "tasks"
 
 # Environment variables that announce a multi-process launch.
 _COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
+# Read here: jax.distributed.initialize reads only the coordinator address
+# from the environment, not the process count and id.
+_NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
+_PROCESS_ID_ENV = "JAX_PROCESS_ID"
 _SLURM_ENV = (
     "SLURM_JOB_ID",
     "SLURM_STEP_NODELIST",
@@ -255,7 +259,8 @@ def initialize_distributed(*, force: bool = False, **kwargs) -> bool:
   laptop and on a cluster:
 
   - ``JAX_COORDINATOR_ADDRESS`` is set (with ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID``, or on a cluster JAX detects);
+    ``JAX_PROCESS_ID``, which this function reads, as JAX itself does not;
+    or on a cluster JAX detects);
   - a SLURM job step with ``SLURM_NTASKS > 1`` (``srun``; JAX reads the
     coordinator, process count and id from the SLURM variables);
   - an Open MPI launch with ``OMPI_COMM_WORLD_SIZE > 1``;
@@ -284,5 +289,9 @@ def initialize_distributed(*, force: bool = False, **kwargs) -> bool:
     return True
   if not (force or kwargs or _launched_multi_process()):
     return False
+  for name, arg in ((_NUM_PROCESSES_ENV, "num_processes"),
+                    (_PROCESS_ID_ENV, "process_id")):
+    if kwargs.get(arg) is None and os.environ.get(name):
+      kwargs[arg] = int(os.environ[name])
   jax.distributed.initialize(**kwargs)
   return True
