@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import _harness
 import jax
@@ -65,19 +64,10 @@ def measure(cfg, steps: int, remat: bool | str) -> dict:
   state = training.init_state(learner, tx, sampler, key)
   step = training.make_meta_step(learner, tx, sampler,
                                  meta_batch_size=cfg["batch"])
-  start = time.perf_counter()
-  compiled = step.lower(state, sampler.data, key).compile()
-  compile_s = time.perf_counter() - start
+  compiled, compile_s, times, metrics = _harness.compile_and_time(
+      step, state, sampler.data, key, warmup=cfg["warmup"],
+      repeats=cfg["repeats"])
   memory = compiled.memory_analysis()
-  for _ in range(cfg["warmup"]):
-    state, metrics = jax.block_until_ready(
-        compiled(state, sampler.data, key))
-  times = []
-  for _ in range(cfg["repeats"]):
-    start = time.perf_counter()
-    state, metrics = jax.block_until_ready(
-        compiled(state, sampler.data, key))
-    times.append(time.perf_counter() - start)
   loss = float(metrics["outer/loss"])
   if not np.isfinite(loss):
     raise FloatingPointError(f"{steps} steps, remat={remat}: loss {loss}")

@@ -45,7 +45,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import _harness
 import jax
@@ -184,18 +183,9 @@ def run_worker(args) -> dict:
   step = training.make_meta_step(learner, tx, sampler,
                                  meta_batch_size=args.batch,
                                  task_map=task_map)
-  start = time.perf_counter()
-  compiled = step.lower(state, sampler.data, key).compile()
-  compile_s = time.perf_counter() - start
-  for _ in range(args.warmup):
-    state, metrics = jax.block_until_ready(
-        compiled(state, sampler.data, key))
-  times = []
-  for _ in range(args.repeats):
-    start = time.perf_counter()
-    state, metrics = jax.block_until_ready(
-        compiled(state, sampler.data, key))
-    times.append(time.perf_counter() - start)
+  compiled, compile_s, times, metrics = _harness.compile_and_time(
+      step, state, sampler.data, key, warmup=args.warmup,
+      repeats=args.repeats)
   loss = float(metrics["outer/loss"])
   if not np.isfinite(loss):
     raise FloatingPointError(f"{name}: outer/loss is {loss}")
