@@ -10,6 +10,12 @@ from metalearn.metalearners._base import (
     make_learner,
     task_loss,
 )
+from metalearn.metalearners._imaml import (
+    conjugate_gradient,
+    imaml,
+    implicit_solution,
+    proximal,
+)
 from metalearn.metalearners._inner import (
     InnerResult,
     inner_optimize,
@@ -43,9 +49,12 @@ __all__ = (
     "WithModelState",
     "adaptation_learner",
     "anil",
+    "conjugate_gradient",
     "cutmix",
     "default_meta_grad",
     "feature_mixing",
+    "imaml",
+    "implicit_solution",
     "inner_optimize",
     "inner_sgd",
     "interpolate_tasks",
@@ -56,6 +65,7 @@ __all__ = (
     "paired_sampler",
     "protonet",
     "prototypes",
+    "proximal",
     "reptile",
     "scale_by_rates",
     "squared_distances",

@@ -157,6 +157,11 @@ LEARNERS_UNDER_TEST: tuple[LearnerCase, ...] = (
         lambda: metalearners.protonet(_conv(None, norm="support")),
         "omniglot",
     ),
+    LearnerCase(
+        "imaml",
+        lambda: metalearners.imaml(_conv(), 0.1, 1, reg=2.0, cg_steps=2),
+        "omniglot",
+    ),
 )
 
 # Learners checked for the independence of a query's outputs only (one
@@ -206,6 +211,9 @@ INDEPENDENCE_ONLY: tuple[LearnerCase, ...] = (
     ),
     LearnerCase("meta_lstm_support",
                 lambda: lo.meta_lstm(_conv(norm="support"), 2), "omniglot"),
+    LearnerCase("imaml_support",
+                lambda: metalearners.imaml(_conv(norm="support"), 0.1, 1,
+                                           cg_steps=2), "omniglot"),
 )
 
 _CASES = [pytest.param(c, id=c.name) for c in LEARNERS_UNDER_TEST]
