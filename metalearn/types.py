@@ -33,10 +33,17 @@ class ClassPool(NamedTuple):
       its source dataset (Omniglot: global character id times 4 plus the
       rotation index), so tests and users can tell which classes a split
       holds.
+    alphabets: ``int32 [num_classes]``, the alphabet (more generally, the
+      super-class) of each class, for episodes whose classes all come from
+      one alphabet (``within_alphabet``); ``None`` for a dataset without
+      them. Omniglot: alphabet index (0..49, by first global character id)
+      times 4 plus the rotation index, so a rotated alphabet is an alphabet
+      of its own, as a rotated character is a class of its own.
   """
 
   images: jax.Array
   class_ids: jax.Array
+  alphabets: jax.Array | None = None
 
   @property
   def num_classes(self) -> int:

@@ -122,13 +122,19 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def make_pool(
-    images: np.ndarray, class_ids: np.ndarray, *, device: bool = True
+    images: np.ndarray,
+    class_ids: np.ndarray,
+    *,
+    alphabets: np.ndarray | None = None,
+    device: bool = True,
 ) -> ClassPool:
   """Builds a :class:`ClassPool`, placed on the default device by default.
 
   Args:
     images: ``uint8 [classes, examples, H, W]`` or ``[..., H, W, C]``.
     class_ids: ``int [classes]``.
+    alphabets: ``int [classes]``, the alphabet (super-class) of each class,
+      or ``None``.
     device: place the arrays on the default JAX device once, so jitted steps
       read them without a host transfer per call.
 
@@ -144,11 +150,15 @@ def make_pool(
         "pool images must be [classes, examples, H, W(, C)], got "
         f"shape {images.shape}"
     )
-  class_ids = np.asarray(class_ids, np.int32)
-  if class_ids.shape != images.shape[:1]:
-    raise ValueError(
-        f"{class_ids.shape[0]} class ids for {images.shape[0]} classes"
-    )
+  arrays = [images]
+  for name, ids in (("class ids", class_ids), ("alphabets", alphabets)):
+    if ids is None:
+      arrays.append(None)
+      continue
+    ids = np.asarray(ids, np.int32)
+    if ids.shape != images.shape[:1]:
+      raise ValueError(f"{ids.size} {name} for {images.shape[0]} classes")
+    arrays.append(ids)
   if device:
-    return ClassPool(jax.device_put(images), jax.device_put(class_ids))
-  return ClassPool(images, class_ids)
+    arrays = [None if a is None else jax.device_put(a) for a in arrays]
+  return ClassPool(*arrays)

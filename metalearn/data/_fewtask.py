@@ -103,7 +103,8 @@ def restrict_classes(
           f"{classes!r}"
       )
   rows = (chosen[:, None] * group_size + np.arange(group_size)).reshape(-1)
-  return ClassPool(pool.images[rows], pool.class_ids[rows])
+  alphabets = None if pool.alphabets is None else pool.alphabets[rows]
+  return ClassPool(pool.images[rows], pool.class_ids[rows], alphabets)
 
 
 def merge_pools(*pools: ClassPool) -> ClassPool:
@@ -121,7 +122,7 @@ def merge_pools(*pools: ClassPool) -> ClassPool:
 
   Returns:
     The merged :class:`~metalearn.types.ClassPool` (arrays concatenated on
-    the pools' device).
+    the pools' device; alphabets kept if every pool has them).
 
   Raises:
     ValueError: if no pool is given, the shapes differ or a class repeats.
@@ -147,7 +148,13 @@ def merge_pools(*pools: ClassPool) -> ClassPool:
     raise ValueError("a class id appears in more than one pool")
   if len(pools) == 1:
     return pools[0]
+  # Alphabets survive only if every pool has them: a within-alphabet
+  # episode must not draw from classes of unknown alphabet.
+  alphabets = None
+  if all(p.alphabets is not None for p in pools):
+    alphabets = jnp.concatenate([jnp.asarray(p.alphabets) for p in pools])
   return ClassPool(
       jnp.concatenate([jnp.asarray(p.images) for p in pools]),
       jnp.concatenate([jnp.asarray(p.class_ids) for p in pools]),
+      alphabets,
   )

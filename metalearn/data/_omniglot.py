@@ -29,7 +29,7 @@ ZIP_MD5 = {
     "background": "68d2efa1b9178cc56df9314c21c6e718",
     "evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
 }
-SPLIT_SCHEMES = ("vinyals", "finn")
+SPLIT_SCHEMES = ("vinyals", "finn", "lake")
 _PNG = re.compile(
     r"(?:^|/)images_\w+/([^/]+)/(character\d+)/(\d{4})_(\d{2})\.png$"
 )
@@ -191,6 +191,13 @@ def split_names(scheme: str) -> dict[str, list[str]]:
       all 1623, as in Finn et al.'s code. Their order came from ``os.listdir``
       shuffled with ``random.seed(1)`` and cannot be reproduced; ours is a
       fixed permutation (numpy seed 1) of the characters sorted by global id.
+    ``lake``: the protocol of Lake et al. (2015): train and val hold the 964
+      characters of the 30 background alphabets, test the 659 of the 20
+      evaluation alphabets. Val is every sixth background alphabet in
+      sorted name order, starting with the first (Alphabet_of_the_Magi,
+      Bengali, Futurama, Japanese_(hiragana), N_Ko: 177 characters, each
+      alphabet with at least 20), a fixed choice made without looking at
+      any result; train is the other 25 (787 characters).
   """
   if scheme not in SPLIT_SCHEMES:
     raise ValueError(
@@ -282,6 +289,30 @@ def with_rotations(images: np.ndarray, class_ids: np.ndarray):
   return rotated.reshape(-1, *images.shape[1:]), ids.reshape(-1)
 
 
+def alphabet_indices(
+    names: tuple[str, ...], global_ids: np.ndarray
+) -> np.ndarray:
+  """The alphabet index of each character, alphabets ordered by first id.
+
+  Omniglot's global ids run through the alphabets one after the other
+  (background, then evaluation), so the index (0..49 with all 50
+  alphabets) does not depend on which layout the characters came from.
+
+  Args:
+    names: ``Alphabet/characterNN`` per character.
+    global_ids: the global id of each character.
+
+  Returns:
+    ``int32 [characters]``.
+  """
+  alphabets = [n.split("/", 1)[0] for n in names]
+  first: dict[str, int] = {}
+  for a, gid in zip(alphabets, np.asarray(global_ids).tolist(), strict=True):
+    first[a] = min(first.get(a, gid), gid)
+  rank = {a: i for i, a in enumerate(sorted(first, key=first.get))}
+  return np.array([rank[a] for a in alphabets], np.int32)
+
+
 def load_omniglot(
     data_dir: str | pathlib.Path | None = None,
     *,
@@ -305,10 +336,14 @@ def load_omniglot(
       ``~/metalearn_data``.
     image_size: side of the square images (28 as in Finn et al.; 105 keeps
       the native resolution).
-    split_scheme: ``"vinyals"`` (1028/172/423, Prototypical Networks) or
-      ``"finn"`` (1100/100/423, MAML); see :func:`split_names`.
+    split_scheme: ``"vinyals"`` (1028/172/423, Prototypical Networks),
+      ``"finn"`` (1100/100/423, MAML) or ``"lake"`` (787/177/659, whole
+      background alphabets for train and val, the evaluation alphabets for
+      test, Lake et al.); see :func:`split_names`.
     rotations: add 90/180/270 degree rotations of each character as new
-      classes (Santoro et al.; Vinyals et al.), in every split.
+      classes (Santoro et al.; Vinyals et al.), in every split. Lake et
+      al.'s protocol has none: use ``False`` with ``"lake"``. A rotated
+      class belongs to a rotated alphabet of its own (see Returns).
     verify: check the checksums of known files.
     cache_dir: where resized arrays are cached; default
       ``$METALEARN_CACHE_DIR`` or ``~/.cache/metalearn``.
@@ -318,7 +353,9 @@ def load_omniglot(
   Returns:
     :class:`DatasetSplits` of :class:`ClassPool`; images are
     ``uint8 [classes, 20, S, S, 1]`` with 255 = ink, class ids are
-    ``4 * global_id + rotation`` (rotation 0 without ``rotations``).
+    ``4 * global_id + rotation`` (rotation 0 without ``rotations``) and
+    alphabets ``4 * alphabet + rotation``, ``alphabet`` in 0..49 as
+    :func:`alphabet_indices` numbers them.
 
   Raises:
     DatasetNotFoundError: if no Omniglot is found, saying where to put it.
@@ -338,6 +375,7 @@ def load_omniglot(
   cache = _common.resolve_cache_dir(cache_dir) if use_cache else None
   chars = _resized_characters(root, image_size, cache, verify)
   index = {n: i for i, n in enumerate(chars.names)}
+  alphabets = 4 * alphabet_indices(chars.names, chars.global_ids)
   pools = {}
   for split, names in names_by_split.items():
     missing = [n for n in names if n not in index]
@@ -348,7 +386,11 @@ def load_omniglot(
       )
     rows = np.array([index[n] for n in names])
     images, ids = chars.images[rows], 4 * chars.global_ids[rows]
+    groups = alphabets[rows]
     if rotations:
       images, ids = with_rotations(images, chars.global_ids[rows])
-    pools[split] = _common.make_pool(images, ids, device=device)
+      groups = (groups[:, None] + np.arange(4)).reshape(-1)
+    pools[split] = _common.make_pool(
+        images, ids, alphabets=groups, device=device
+    )
   return _common.DatasetSplits(**pools)

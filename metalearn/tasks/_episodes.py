@@ -6,6 +6,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
 
 from metalearn.types import ClassPool, Episode
 
@@ -33,11 +35,15 @@ def sample_episode(
     num_ways: int,
     num_shots: int,
     num_queries: int,
+    within_alphabet: bool = False,
 ) -> Episode:
   """Draws one N-way K-shot episode from a class pool, on device.
 
   Classes are drawn without replacement from the pool, and their order is
-  random, so label ``i`` names a different class in every episode. Within each
+  random, so label ``i`` names a different class in every episode. With
+  ``within_alphabet``, an alphabet is drawn first, uniformly among those
+  of ``pool.alphabets`` with at least ``num_ways`` classes, and all the
+  episode's classes come from it (Lake et al.'s one-shot runs). Within each
   class, ``num_shots + num_queries`` distinct examples are drawn without
   replacement; the first ``num_shots`` form the support set, the rest the
   query set, so the two are disjoint. Pixels are gathered as ``uint8`` and
@@ -51,10 +57,18 @@ def sample_episode(
     num_ways: ``N``, classes per episode (static).
     num_shots: ``K``, support examples per class (static).
     num_queries: ``Q``, query examples per class (static).
+    within_alphabet: draw all classes from one alphabet (static); the pool
+      must have ``alphabets``, one of them with ``num_ways`` classes
+      (:func:`episode_sampler` checks this).
 
   Returns:
     An :class:`Episode` with ``support_x [N*K, H, W, C]`` and
     ``query_x [N*Q, H, W, C]`` as float32, labels as int32.
+
+  References:
+    Lake, Salakhutdinov & Tenenbaum, `Human-level concept learning through
+    probabilistic program induction <https://doi.org/10.1126/science.aab3050>`_,
+    2015.
   """
   num_classes, per_class = pool.images.shape[:2]
   image_shape = pool.images.shape[2:]
@@ -63,6 +77,13 @@ def sample_episode(
   # It costs O(classes), where jax.random.choice(replace=False) permutes all
   # classes (a sort) and dominated the sampling time on CPU.
   scores = jax.random.uniform(class_key, (num_classes,))
+  if within_alphabet:
+    if pool.alphabets is None:  # Static: fails at trace time, not in XLA.
+      raise ValueError("within_alphabet=True, but the pool has no alphabets")
+    alphabet_key, class_key = jax.random.split(class_key)
+    scores = _mask_to_one_alphabet(
+        alphabet_key, scores, jnp.asarray(pool.alphabets), num_ways
+    )
   classes = jax.lax.top_k(scores, num_ways)[1]
   per_class_keys = jax.random.split(example_key, num_ways)
   take = num_shots + num_queries
@@ -83,12 +104,33 @@ def sample_episode(
   )
 
 
+def _mask_to_one_alphabet(
+    key: jax.Array, scores: jax.Array, alphabets: jax.Array, num_ways: int
+) -> jax.Array:
+  """Scores of classes outside one random alphabet set to -1.
+
+  The alphabet is uniform among those with at least ``num_ways`` classes:
+  a class is drawn with weight ``1 / size of its alphabet`` among the
+  classes of such alphabets, and its alphabet kept. Sizes come from a sort
+  (``O(C log C)``), so any ``int32`` alphabet ids work, with static shapes.
+  The scores are in ``[0, 1)``, so the top ``num_ways`` of the masked ones
+  all lie in the drawn alphabet.
+  """
+  ordered = jnp.sort(alphabets)
+  sizes = jnp.searchsorted(ordered, alphabets, side="right")
+  sizes -= jnp.searchsorted(ordered, alphabets, side="left")
+  logits = jnp.where(sizes >= num_ways, -jnp.log(sizes), -jnp.inf)
+  chosen = alphabets[jax.random.categorical(key, logits)]
+  return jnp.where(alphabets == chosen, scores, -1.0)
+
+
 def episode_sampler(
     pool: ClassPool,
     *,
     num_ways: int,
     num_shots: int,
     num_queries: int,
+    within_alphabet: bool = False,
 ) -> TaskSampler:
   """Builds a :class:`TaskSampler` of N-way K-shot episodes over ``pool``.
 
@@ -99,6 +141,7 @@ def episode_sampler(
     num_ways: classes per episode.
     num_shots: support examples per class.
     num_queries: query examples per class.
+    within_alphabet: draw each episode's classes from one alphabet.
 
   Returns:
     A sampler whose ``sample(key, pool)`` is :func:`sample_episode`.
@@ -124,11 +167,15 @@ def episode_sampler(
       num_shots=num_shots,
       num_queries=num_queries,
   )
+  validate_within_alphabet(
+      pool.alphabets, num_ways=num_ways, within_alphabet=within_alphabet
+  )
   sample = functools.partial(
       sample_episode,
       num_ways=num_ways,
       num_shots=num_shots,
       num_queries=num_queries,
+      within_alphabet=within_alphabet,
   )
   return TaskSampler(sample=sample, data=pool)
 
@@ -208,6 +255,62 @@ def validate_episode_request(
         shots,
         f"{shots} + {queries} = {num_shots} + {num_queries} exceeds the "
         f"{examples_per_class} examples per class in {where}",
+    )
+
+
+def validate_within_alphabet(
+    alphabets: ArrayLike | None,
+    *,
+    num_ways: int,
+    within_alphabet: bool,
+    prefix: str = "",
+    split: str | None = None,
+) -> None:
+  """Raises an error naming ``within_alphabet`` if its episodes cannot be
+  drawn: the pool has no alphabets, or none with ``num_ways`` classes.
+
+  Args:
+    alphabets: the pool's ``alphabets`` (host or device array), or
+      ``None``.
+    num_ways: classes per episode.
+    within_alphabet: the request; nothing is checked if ``False``.
+    prefix: put before the argument names, e.g. ``"train_"``.
+    split: names the pool in messages; by default "the pool".
+
+  Raises:
+    TasksetArgumentError: a ``ValueError`` whose ``argument`` is the
+      (prefixed) ``within_alphabet``.
+
+  Examples:
+    >>> import numpy as np
+    >>> try:
+    ...   validate_within_alphabet(np.array([0, 0, 1]), num_ways=3,
+    ...                            within_alphabet=True)
+    ... except ValueError as e:
+    ...   print(e.argument)
+    within_alphabet
+  """
+  name, ways = f"{prefix}within_alphabet", f"{prefix}num_ways"
+  if not isinstance(within_alphabet, bool):
+    raise TasksetArgumentError(
+        name, f"{name} must be True or False, got {within_alphabet!r}"
+    )
+  if not within_alphabet:
+    return
+  where = "the pool" if split is None else f"the {split} split"
+  if alphabets is None:
+    raise TasksetArgumentError(
+        name,
+        f"{name}=True needs the alphabet of each class, but {where} has no "
+        "alphabets (only Omniglot's pools have them)",
+    )
+  _, sizes = np.unique(np.asarray(alphabets), return_counts=True)
+  largest = int(sizes.max()) if sizes.size else 0
+  if largest < num_ways:
+    raise TasksetArgumentError(
+        name,
+        f"{name}=True needs an alphabet of {ways}={num_ways} classes, but "
+        f"the largest of {where} has {largest}",
     )
 
 

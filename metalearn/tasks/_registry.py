@@ -51,12 +51,16 @@ class DatasetEntry(NamedTuple):
   make_tasksets: Callable[..., Tasksets] | None
 
 
-# Options of every class-pool dataset: which classes are meta-trained on.
+# Options of every class-pool dataset: which classes are meta-trained on,
+# and whether an episode's classes all come from one alphabet (validation
+# and test; meta-training follows unless train_within_alphabet is set).
 POOL_OPTIONS: Mapping[str, Any] = {
     "train_splits": ("train",),
     "train_classes": None,
     "train_class_group": 1,
     "train_class_seed": 0,
+    "within_alphabet": False,
+    "train_within_alphabet": None,
 }
 _ARGUMENTS = (
     "dataset", "num_ways", "num_shots", "num_queries", "train_num_ways",

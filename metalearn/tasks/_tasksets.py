@@ -18,6 +18,7 @@ from metalearn.tasks._episodes import (
     TasksetArgumentError,
     episode_sampler,
     validate_episode_request,
+    validate_within_alphabet,
 )
 from metalearn.tasks._registry import (
     POOL_OPTIONS,
@@ -82,7 +83,8 @@ def _resolve(dataset, sizes: dict[str, Any], options) -> _Request:
 
 
 def _check_pool_options(
-    *, train_splits, train_classes, train_class_group, train_class_seed
+    *, train_splits, train_classes, train_class_group, train_class_seed,
+    within_alphabet, train_within_alphabet,
 ) -> None:
   if (
       not isinstance(train_splits, Sequence)
@@ -101,6 +103,19 @@ def _check_pool_options(
     check_int("train_classes", train_classes, 1)
   check_int("train_class_group", train_class_group, 1)
   check_int("train_class_seed", train_class_seed, 0)
+  if not isinstance(within_alphabet, bool):
+    raise TasksetArgumentError(
+        "within_alphabet",
+        f"within_alphabet must be True or False, got {within_alphabet!r}",
+    )
+  if train_within_alphabet is not None and not isinstance(
+      train_within_alphabet, bool
+  ):
+    raise TasksetArgumentError(
+        "train_within_alphabet",
+        "train_within_alphabet must be True, False or None (as "
+        f"within_alphabet), got {train_within_alphabet!r}",
+    )
 
 
 def _check_data_dir(data_dir: Any) -> None:
@@ -173,7 +188,12 @@ def get_tasksets(
   Datasets of class pools (:func:`list_datasets`: ``omniglot`` with
   ``image_size=28``, ``split_scheme="vinyals"``, ``rotations=True``;
   ``mini_imagenet`` with ``image_size=84``) are loaded from ``data_dir``,
-  else ``$METALEARN_DATA_DIR``, else ``~/metalearn_data``. They also take
+  else ``$METALEARN_DATA_DIR``, else ``~/metalearn_data``. They take
+  ``within_alphabet=False``: with ``True``, all classes of a validation or
+  test episode come from one alphabet (Lake et al.'s 20-way one-shot
+  runs; pools that keep each class's alphabet only, i.e. Omniglot), and
+  ``train_within_alphabet=None`` (the same) or a bool for meta-training
+  episodes. They also take
   the few-task options: ``train_splits=("train",)``, the splits whose
   classes are meta-trained on (``("train", "val")`` as Snell et al.'s final
   runs); ``train_classes=None``, or how many training classes (groups of
@@ -238,8 +258,9 @@ def get_tasksets(
 
 
 def _train_pool(dataset, splits, *, train_splits, train_classes,
-                train_class_group, train_class_seed):
+                train_class_group, train_class_seed, **unused):
   """The meta-training classes: ``train_splits`` merged, then restricted."""
+  del unused  # The episode options.
   pool = data.merge_pools(*(getattr(splits, s) for s in train_splits))
   if train_classes is None:
     return pool
@@ -269,6 +290,12 @@ def _train_pool(dataset, splits, *, train_splits, train_classes,
 
 
 def _pool_tasksets(dataset, splits, train, test, **pool_options) -> Tasksets:
+  within = pool_options["within_alphabet"]
+  train_within = pool_options["train_within_alphabet"]
+  within = {
+      "test": within, "validation": within,
+      "train": within if train_within is None else train_within,
+  }
   pools = {
       "test": splits.test,
       "validation": splits.val,
@@ -286,5 +313,14 @@ def _pool_tasksets(dataset, splits, train, test, **pool_options) -> Tasksets:
         prefix="train_" if split == "train" else "",
         split=f"{dataset} {split}",
     )
-    samplers[split] = episode_sampler(pool, **shape._asdict())
+    validate_within_alphabet(
+        pool.alphabets,
+        num_ways=shape.num_ways,
+        within_alphabet=within[split],
+        prefix="train_" if split == "train" else "",
+        split=f"{dataset} {split}",
+    )
+    samplers[split] = episode_sampler(
+        pool, **shape._asdict(), within_alphabet=within[split]
+    )
   return Tasksets(**samplers)

@@ -481,3 +481,76 @@ def test_missing_dataset_raises(omniglot_root, tmp_path, present):
       str(tmp_path / "tensorflow_datasets"),
   ):
     assert expected in message
+
+
+# ---------------------------------------------------------------------------
+# Lake et al.'s split and the alphabet of each class.
+
+LAKE_VAL_ALPHABETS = {
+    "Alphabet_of_the_Magi",
+    "Bengali",
+    "Futurama",
+    "Japanese_(hiragana)",
+    "N_Ko",
+}
+
+
+@pytest.fixture(scope="module")
+def lake(load_real_omniglot, omniglot):
+  """Lake split, no rotations, on the host: 787/177/659 classes."""
+  del omniglot  # Requested so that the resized cache already exists.
+  return load_real_omniglot(
+      split_scheme="lake", rotations=False, device=False
+  )
+
+
+def test_lake_split_is_background_against_evaluation(lake, raw, global_id):
+  background = {global_id[n] for n in raw["background"].names}
+  evaluation = {global_id[n] for n in raw["evaluation"].names}
+  train, val, test = (
+      set((np.asarray(p.class_ids) // 4).tolist())
+      for p in (lake.train, lake.val, lake.test)
+  )
+  assert (len(train) + len(val), len(test)) == (964, 659)
+  assert (lake.train.num_classes, lake.val.num_classes) == (787, 177)
+  assert lake.test.num_classes == 659
+  assert train | val == background and not train & val
+  assert test == evaluation
+
+
+def test_lake_val_is_every_sixth_background_alphabet(raw):
+  splits = _omniglot.split_names("lake")
+  background = sorted({_alphabet(n) for n in raw["background"].names})
+  assert set(background[::6]) == LAKE_VAL_ALPHABETS
+  val = {_alphabet(n) for n in splits["val"]}
+  train = {_alphabet(n) for n in splits["train"]}
+  assert val == LAKE_VAL_ALPHABETS and len(train) == 25
+  assert not val & train
+  assert {_alphabet(n) for n in splits["test"]} == {
+      _alphabet(n) for n in raw["evaluation"].names
+  }
+
+
+def test_pool_alphabets_follow_the_class_names(lake):
+  splits = _omniglot.split_names("lake")
+  ids = {}
+  for split, names in splits.items():
+    alphabets = np.asarray(getattr(lake, split).alphabets)
+    assert alphabets.dtype == np.int32 and alphabets.shape == (len(names),)
+    for name, a in zip(names, alphabets.tolist(), strict=True):
+      assert ids.setdefault(_alphabet(name), a) == a
+  # One id per alphabet, 4 * index: 25 + 5 + 20 distinct alphabets.
+  assert sorted(ids.values()) == [4 * i for i in range(50)]
+  assert len(np.unique(np.asarray(lake.train.alphabets))) == 25
+  assert len(np.unique(np.asarray(lake.val.alphabets))) == 5
+  assert len(np.unique(np.asarray(lake.test.alphabets))) == 20
+
+
+def test_rotated_classes_are_in_rotated_alphabets(omniglot):
+  pool = omniglot.train
+  alphabets = np.asarray(pool.alphabets).reshape(-1, 4)
+  ids = np.asarray(pool.class_ids).reshape(-1, 4)
+  np.testing.assert_array_equal(alphabets % 4, ids % 4)
+  np.testing.assert_array_equal(
+      alphabets // 4, np.repeat(alphabets[:, :1] // 4, 4, axis=1)
+  )
