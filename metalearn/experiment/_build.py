@@ -7,16 +7,21 @@ so what a learner declares it needs (``MetaLearner.head``) is checked
 against the task right after it is built and before any data are loaded.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import hydra.utils
 import optax
 from hydra.errors import InstantiationException
 
+from metalearn import tasks
 from metalearn.experiment import _checks as checks
 from metalearn.experiment._checks import ConfigError
-from metalearn.experiment._config import is_regression, learner_name
+from metalearn.experiment._config import (
+    augment_args,
+    is_regression,
+    learner_name,
+)
 from metalearn.metalearners import MetaLearner
 
 
@@ -124,3 +129,36 @@ def build_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
         f"{type(tx).__name__}, not an optax GradientTransformation"
     )
   return tx
+
+
+def build_augmentation(
+    cfg: Mapping[str, Any],
+) -> Callable[[tasks.TaskSampler], tasks.TaskSampler] | None:
+  """The ``augment`` group as a wrapper of the meta-training sampler.
+
+  Args:
+    cfg: a validated plain config.
+
+  Returns:
+    ``None`` for ``augment=none``, else ``wrap(sampler) -> sampler`` that
+    augments its episodes on device (:func:`metalearn.tasks.augmented`
+    with ``augment.apply_to``). Only the meta-training sampler is wrapped:
+    validation and test episodes are never augmented.
+
+  Raises:
+    ConfigError: naming ``augment`` if the sampler's episodes are not
+      images.
+  """
+  augment = cfg.get("augment") or {}
+  transform = tasks.augmentation(**augment_args(augment))
+  if transform is None:
+    return None
+  apply_to = augment.get("apply_to", "both")
+
+  def wrap(sampler: tasks.TaskSampler) -> tasks.TaskSampler:
+    try:
+      return tasks.augmented(sampler, transform, apply_to=apply_to)
+    except ValueError as e:
+      raise ConfigError(f"augment: {checks.first_line(e)}") from e
+
+  return wrap
