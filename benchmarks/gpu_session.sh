@@ -24,6 +24,8 @@
 #                    [0.005, 0.1] (run 2026-12-04)
 #   remat            benchmarks/remat.py --isolate, meta-batch 32
 #   throughput_mini  benchmarks/throughput.py --shape mini_imagenet
+#   population       benchmarks/population.py: a sweep as one program,
+#                    aggregate tasks/s of 1, 4, 16, 64 vmapped members
 #   row:EXPERIMENT[:OVERRIDE...]
 #                    a paper row on its full schedule, TRAIN_S seconds per
 #                    session: resumed from $STATE/<row> (reproduce.py
@@ -37,10 +39,13 @@ TRAIN_S=${TRAIN_S:-330}
 SMOKE=${SMOKE:-0}
 STATE=${STATE:-.devruns}
 # The next standing work: the MAML family's rows on full schedules, MAML
-# with the non-transductive support statistics first.
+# with the non-transductive support statistics first; then iMAML's first
+# row, ProtoNet on the Omniglot challenge protocol (Lake et al.'s split,
+# within-alphabet episodes) and the population throughput.
 DEFAULT_JOBS="row:omniglot_5w1s_maml:model.norm=support
   row:omniglot_5w1s_metasgd row:omniglot_20w1s_maml row:omniglot_20w1s_anil
-  row:omniglot_5w5s_maml row:omniglot_20w1s_metasgd"
+  row:omniglot_5w5s_maml row:omniglot_20w1s_metasgd row:omniglot_5w1s_imaml
+  row:omniglot_lake_20w1s_protonet population"
 JOBS=${JOBS:-$DEFAULT_JOBS}
 mkdir -p "$OUTDIR"
 W=$(mktemp -d)
@@ -101,6 +106,11 @@ for spec in $JOBS; do
     throughput_mini)
       job throughput_mini $PY benchmarks/throughput.py --shape mini_imagenet \
         "${bench[@]/32/4}" --out "$W/throughput_mini_imagenet_gpu.json" ;;
+    population)
+      if [ "$SMOKE" = 1 ]; then pop=(--smoke); else
+        pop=(--sizes 1,4,16,64 --member-map vmap --batch 32); fi
+      job population $PY benchmarks/population.py "${pop[@]}" \
+        --out "$W/population_gpu.json" ;;
     row:*)
       IFS=: read -r -a parts <<<"${spec#row:}"
       label=$(IFS=_; echo "${parts[*]}" | tr -c 'A-Za-z0-9_.\n-' '_')

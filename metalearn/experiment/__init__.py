@@ -37,6 +37,7 @@ from metalearn.experiment._lopt import (
     run_learned_optimizer,
     validate_lopt_config,
 )
+from metalearn.experiment._population import member_configs, run_population
 from metalearn.experiment._records import read_metrics
 from metalearn.experiment._run import evaluate_run, run_experiment
 from metalearn.experiment._tasksets import Samplers, build_samplers
@@ -53,6 +54,7 @@ __all__ = (
     "evaluate_run",
     "load_checkpoint",
     "make_logger",
+    "member_configs",
     "objective_metric",
     "read_metrics",
     "restore_state",
@@ -60,6 +62,7 @@ __all__ = (
     "run_hydra",
     "run_learned_optimizer",
     "run_name",
+    "run_population",
     "save_state",
     "to_plain",
     "validate_config",

@@ -5,7 +5,9 @@ before anything is built, loaded or compiled, and returns its plain form.
 The task fields are checked by the dataset registry of
 :mod:`metalearn.tasks` (``check_taskset_args``); what a learner needs of
 the model and the task (a head with one output per way) is checked when
-it is built (``build_learner``), still before any data are read.
+it is built (``build_learner``), still before any data are read. The
+``augment`` fields are checked by building their transforms
+(:func:`metalearn.tasks.augmentation`), which compiles nothing.
 """
 
 from collections.abc import Mapping, Sequence
@@ -14,7 +16,7 @@ from typing import Any
 import jax
 from omegaconf import DictConfig
 
-from metalearn import models
+from metalearn import models, tasks
 from metalearn.experiment import _checks as checks
 from metalearn.experiment import _tasksets
 from metalearn.experiment._checks import ConfigError
@@ -23,6 +25,11 @@ TASK_MAPS = ("auto", "vmap", "scan")
 LOGGERS = ("wandb", "none")
 SELECTS = ("last", "best_val")
 OBJECTIVES = ("auto", "val_accuracy", "val_loss")
+# The fields of the augment group: apply_to, then the arguments of
+# metalearn.tasks.augmentation (each transform null or its factory's
+# arguments).
+AUGMENT_TRANSFORMS = ("affine", "crop", "flip", "color")
+AUGMENT_FIELDS = ("apply_to", *AUGMENT_TRANSFORMS)
 
 
 def learner_name(cfg: Mapping[str, Any]) -> str:
@@ -199,6 +206,52 @@ def _validate_selection(cfg) -> None:
     )
 
 
+def augment_args(augment: Mapping[str, Any]) -> dict[str, Any]:
+  """The arguments of :func:`metalearn.tasks.augmentation` of an
+  ``augment`` node (its transforms, without ``apply_to``)."""
+  return {k: augment.get(k) for k in AUGMENT_TRANSFORMS}
+
+
+def _validate_augment(cfg) -> None:
+  """The ``augment`` group: its fields, and that it augments images.
+
+  A config written before the group existed (a run's ``config.json``)
+  gets ``augment=none``. The transforms are built here (host closures,
+  nothing compiled) so that a bad argument fails before data are loaded.
+  """
+  augment = cfg.setdefault("augment", {})
+  if not isinstance(augment, Mapping):
+    raise ConfigError(
+        f"augment must be a mapping of {', '.join(AUGMENT_FIELDS)}, got "
+        f"{augment!r}")
+  unknown = sorted(set(augment) - set(AUGMENT_FIELDS))
+  if unknown:
+    raise ConfigError(
+        f"augment.{unknown[0]} is not a field of augment (its fields: "
+        f"{', '.join(AUGMENT_FIELDS)})")
+  augment.setdefault("apply_to", "both")
+  for field in AUGMENT_TRANSFORMS:
+    augment.setdefault(field, None)
+  checks.one_of(cfg, "augment.apply_to", tasks.APPLY_TO)
+  try:
+    transform = tasks.augmentation(**augment_args(augment))
+  except ValueError as e:
+    raise ConfigError(f"augment.{e}") from e
+  if transform is not None and is_regression(cfg["task"]):
+    field = next(f for f in AUGMENT_TRANSFORMS if augment[f] is not None)
+    raise ConfigError(
+        f"augment.{field} transforms images, but task.dataset="
+        f"{cfg['task']['dataset']} has none: use augment=none")
+
+
+def is_population(cfg: Mapping[str, Any]) -> bool:
+  """Whether a config asks for a population (a sweep as one program):
+  ``population.seeds``, ``population.inner_lr`` or ``population.lr`` set."""
+  pop = cfg.get("population")
+  return isinstance(pop, Mapping) and any(
+      pop.get(name) is not None for name in ("seeds", "inner_lr", "lr"))
+
+
 def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
   """Checks a whole run config without loading data or compiling anything.
 
@@ -222,5 +275,6 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
   _validate_rates(cfg)
   _validate_trainer(cfg)
   _validate_selection(cfg)
+  _validate_augment(cfg)
   checks.one_of(cfg, "logger.kind", LOGGERS)
   return cfg

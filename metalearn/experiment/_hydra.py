@@ -15,6 +15,7 @@ from typing import Any
 from metalearn import data, training
 from metalearn.experiment._checks import ConfigError
 from metalearn.experiment._lopt import run_learned_optimizer
+from metalearn.experiment._population import is_population, run_population
 from metalearn.experiment._run import run_experiment
 
 log = logging.getLogger("metalearn.experiment")
@@ -45,7 +46,9 @@ def run_hydra(cfg) -> float | None:
   A config with ``learned_optimizer`` and ``outer`` groups (``--config-name
   learned_optimizer``) meta-trains an optimiser on a task family
   (:func:`~metalearn.experiment.run_learned_optimizer`); any other runs a
-  few-shot experiment (:func:`~metalearn.experiment.run_experiment`).
+  few-shot experiment (:func:`~metalearn.experiment.run_experiment`), or,
+  with a ``population``, all its members as one program
+  (:func:`~metalearn.experiment.run_population`).
 
   A config, data or non-finite-loss error ends a single run with one line
   on stderr and exit status 1 (``HYDRA_FULL_ERROR=1`` shows the traceback).
@@ -64,6 +67,8 @@ def run_hydra(cfg) -> float | None:
   run = run_experiment
   if "learned_optimizer" in cfg and "outer" in cfg:
     run = run_learned_optimizer
+  elif is_population(cfg):
+    run = run_population
   # Joins a multi-host job when the launch environment describes one
   # (coordinator address, a multi-task srun step); a no-op otherwise.
   training.initialize_distributed()

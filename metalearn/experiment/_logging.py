@@ -141,6 +141,8 @@ def wandb_logger(
       mode=wandb_mode(cfg.get("mode")),
       id=run_id,
       resume="allow" if run_id else None,
+      # Several runs may be open at once: a population logs one per member.
+      reinit="create_new",
   )
   if run.id:
     id_file.write_text(run.id)

@@ -12,14 +12,15 @@ import jax
 
 from metalearn import training
 from metalearn.experiment import (
-    _build,
-    _checkpoint,
-    _config,
-    _logging,
-    _records,
-    _select,
-    _tasksets,
+  _build,
+  _checkpoint,
+  _config,
+  _logging,
+  _records,
+  _select,
+  _tasksets,
 )
+from metalearn.experiment._checks import ConfigError
 
 log = logging.getLogger("metalearn.experiment")
 
@@ -48,9 +49,14 @@ def _evaluate(trainer, learner, meta_params, sampler, num_episodes, split):
 
 def _samplers(cfg, learner) -> _tasksets.Samplers:
   """The task samplers of a validated config, loading its dataset; the
-  meta-training tasks are drawn as the learner asks (``train_sampler``)."""
-  return _tasksets.build_samplers(
-      cfg["task"], train_sampler=learner.train_sampler)
+  meta-training tasks are augmented (``augment``, never validation or test)
+  and drawn as the learner asks (``train_sampler``, e.g. MLTI's pairs of
+  augmented tasks)."""
+  augment, wrap = _build.build_augmentation(cfg), learner.train_sampler
+  if augment is not None:
+    wrap = augment if wrap is None else (
+        lambda sampler: learner.train_sampler(augment(sampler)))
+  return _tasksets.build_samplers(cfg["task"], train_sampler=wrap)
 
 
 def _validate(trainer, learner, meta_params, samplers):
@@ -161,6 +167,10 @@ def run_experiment(
       checkpoint (before it) is kept.
   """
   cfg = _config.validate_config(config)
+  if _config.is_population(cfg):
+    raise ConfigError(
+        "population.seeds, population.inner_lr or population.lr is set: "
+        "run it with run_population (metalearn-train does)")
   trainer = cfg["trainer"]
   if trainer["eval_every"] and "val" in cfg["task"].get("train_splits", ()):
     log.warning(

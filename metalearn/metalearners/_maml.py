@@ -23,8 +23,13 @@ class MetaSGDParams(NamedTuple):
 
 
 def check_inner(inner_lr, num_inner_steps, name="inner"):
-  """Raises ``ValueError`` for a step size <= 0 or a bad number of steps."""
-  if not inner_lr > 0:
+  """Raises ``ValueError`` for a step size <= 0 or a bad number of steps.
+
+  A traced step size (a population of runs sweeping it,
+  :func:`~metalearn.training.make_population_step`) is not checked here:
+  the population checks each member's concrete value before tracing.
+  """
+  if not isinstance(inner_lr, jax.core.Tracer) and not inner_lr > 0:
     raise ValueError(f"{name}_lr must be > 0, got {inner_lr}")
   if not isinstance(num_inner_steps, int) or num_inner_steps < 0:
     raise ValueError(

@@ -264,10 +264,26 @@ def evaluate(
             fn(meta_params, data, keys[start : start + batch_size])
         )
     )
+  return summarize({
+      name: np.concatenate([c[name] for c in chunks])[:num_episodes]
+      for name in chunks[0]
+  })
+
+
+def summarize(per_episode: dict[str, np.ndarray]) -> dict[str, float]:
+  """Mean, standard deviation and 95% interval of per-episode metrics.
+
+  Args:
+    per_episode: each metric name to its ``[episodes]`` values.
+
+  Returns:
+    For each metric ``m``: ``m`` (the mean), ``m_std`` and ``m_ci95`` (1.96
+    standard errors); plus ``num_episodes``.
+  """
+  num_episodes = len(next(iter(per_episode.values())))
   out: dict[str, float] = {"num_episodes": num_episodes}
-  for name in chunks[0]:
-    values = np.concatenate([c[name] for c in chunks])[:num_episodes]
-    values = values.astype(np.float64)
+  for name, values in per_episode.items():
+    values = np.asarray(values, np.float64)
     std = float(values.std(ddof=1)) if num_episodes > 1 else 0.0
     out[name] = float(values.mean())
     out[f"{name}_std"] = std

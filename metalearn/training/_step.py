@@ -270,10 +270,47 @@ def make_meta_step(
     >>> int(state.step)
     1
   """
+  step = meta_step_body(
+      learner, meta_optimizer, sampler, meta_batch_size=meta_batch_size,
+      steps_per_call=steps_per_call, task_map=task_map, mesh=mesh,
+  )
+  if mesh is None:
+    return jax.jit(step, donate_argnums=(0,))
+  replicated = _sharding.replicated(mesh)
+  return jax.jit(
+      step,
+      donate_argnums=(0,),
+      in_shardings=replicated,
+      out_shardings=replicated,
+  )
+
+
+def check_step_sizes(meta_batch_size: Any, steps_per_call: Any) -> None:
+  """Raises ``ValueError`` unless both are ints >= 1."""
   if not isinstance(meta_batch_size, int) or meta_batch_size < 1:
     raise ValueError(f"meta_batch_size must be >= 1, got {meta_batch_size!r}")
   if not isinstance(steps_per_call, int) or steps_per_call < 1:
     raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call!r}")
+
+
+def meta_step_body(
+    learner: MetaLearner,
+    meta_optimizer: optax.GradientTransformation,
+    sampler: TaskSampler,
+    *,
+    meta_batch_size: int,
+    steps_per_call: int = 1,
+    task_map: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
+):
+  """The function :func:`make_meta_step` jits: ``step(state, data, key)``.
+
+  Unjitted, so that it can be traced inside another transformation (a
+  population of runs maps it over its members:
+  :func:`~metalearn.training.make_population_step`). Same arguments as
+  :func:`make_meta_step`.
+  """
+  check_step_sizes(meta_batch_size, steps_per_call)
   if mesh is not None:
     _sharding.check_divisible(meta_batch_size, mesh, "meta_batch_size")
   meta_optimizer = outer_optimizer(learner, meta_optimizer)
@@ -326,12 +363,4 @@ def make_meta_step(
     state, metrics = jax.lax.scan(body, state, None, length=steps_per_call)
     return state, jax.tree.map(lambda m: m[-1], metrics)
 
-  if mesh is None:
-    return jax.jit(step, donate_argnums=(0,))
-  replicated = _sharding.replicated(mesh)
-  return jax.jit(
-      step,
-      donate_argnums=(0,),
-      in_shardings=replicated,
-      out_shardings=replicated,
-  )
+  return step

@@ -21,8 +21,8 @@ import pytest
 from metalearn.types import ClassPool
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
-SCRIPTS = ("conv_in_scan", "norm_modes", "pooling", "reproduce", "sampling",
-           "throughput")
+SCRIPTS = ("conv_in_scan", "norm_modes", "pooling", "population", "reproduce",
+           "sampling", "throughput")
 
 
 def _load(name: str):
@@ -197,6 +197,18 @@ def test_throughput_smoke(bench, tmp_path):
   assert row["achieved_gflops"] == pytest.approx(
       row["gflop_per_task_xla"] * row["tasks_per_s"]
   )
+
+
+def test_population_smoke(bench, tmp_path):
+  result = _run(bench["population"], tmp_path, "--learner", "protonet")
+  assert result["benchmark"] == "population"
+  rows = result["results"]
+  assert [r["members"] for r in rows] == [1, 2]
+  assert rows[0]["vs_one_member"] == 1.0
+  for row in rows:
+    assert row["finite"]
+    assert row["aggregate_tasks_per_s"] == pytest.approx(
+        row["members"] * 2 / row["call_s"])
 
 
 def test_unrolled_scans_count_every_iteration(bench):
