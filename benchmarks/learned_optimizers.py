@@ -5,8 +5,14 @@ network) on one sinusoid regression task (50 training points, minibatches
 of 10) for 200 steps; its 50 query points are the held-out data. The
 learned optimiser (``mlp_optimizer``, a per-parameter MLP over momentum and
 second-moment features) is meta-trained on this family with persistent
-evolution strategies (PES) and with truncated backprop (TBPTT), truncations
-of 20 steps over the 200-step horizon, on the mean log training loss. Adam
+evolution strategies (PES), with truncated backprop (TBPTT) and with
+bootstrapped meta-gradients (BMG), truncations of 20 steps over the
+200-step horizon, on the mean log training loss. BMG matches TBPTT's
+inner steps per outer step, 8 particles x 20 = 160: its target is one
+gradient step (lr 0.1 on the log loss) from the end of the truncation
+(Flennerhag et al.'s L = 1), so it adds only 8 gradient evaluations.
+Targets bootstrapped with the optimiser's own steps (``bmg_steps`` > 0)
+diverged here. Adam
 and SGD get the learning rate from a grid that gives the lowest final
 training loss on training tasks. Everything is then run on the same
 held-out tasks (fresh draws from the family, never seen in meta-training
@@ -37,13 +43,15 @@ FULL = dict(
     hidden=(40, 40), num_shots=50, num_queries=50, batch_size=10,
     horizon=200, truncation=20, outer_steps=1200, steps_per_call=20,
     pes_pairs=16, tbptt_particles=8, sigma=0.01, meta_lr=1e-3,
+    bmg_particles=8, bmg_steps=0, bmg_target_lr=0.1,
     step_mult=1e-2, seeds=3, eval_tasks=100, tune_tasks=64,
     lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
 )
 SMOKE = dict(
     FULL, hidden=(8,), num_shots=6, num_queries=4, batch_size=3, horizon=4,
     truncation=2, outer_steps=2, steps_per_call=1, pes_pairs=2,
-    tbptt_particles=2, seeds=2, eval_tasks=4, tune_tasks=4, lrs=(1e-2, 1e-1),
+    tbptt_particles=2, bmg_particles=2, bmg_steps=1, seeds=2, eval_tasks=4,
+    tune_tasks=4, lrs=(1e-2, 1e-1),
 )
 ESTIMATORS = lo.ESTIMATORS
 
@@ -69,7 +77,9 @@ def make_trainer(cfg, family, lopt, estimator_name):
   )
   estimator = lo.make_estimator(
       estimator_name, unroll, pes_pairs=cfg["pes_pairs"], sigma=cfg["sigma"],
-      tbptt_particles=cfg["tbptt_particles"])
+      tbptt_particles=cfg["tbptt_particles"],
+      bmg_particles=cfg["bmg_particles"], bmg_steps=cfg["bmg_steps"],
+      bmg_target_lr=cfg["bmg_target_lr"])
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(cfg["meta_lr"]))
   step = lo.make_outer_step(estimator, tx,
                             steps_per_call=cfg["steps_per_call"])
@@ -165,7 +175,9 @@ def markdown(cfg, agg, tuned, machine, seconds, cpu_seconds):
       f"tasks). Learned: mlp_optimizer meta-trained for "
       f"{cfg['outer_steps']} outer steps per seed (PES: "
       f"{cfg['pes_pairs']} antithetic pairs; TBPTT: "
-      f"{cfg['tbptt_particles']} particles; truncations of "
+      f"{cfg['tbptt_particles']} particles; BMG: "
+      f"{cfg['bmg_particles']} particles, targets {cfg['bmg_steps']} steps "
+      f"on, target lr {cfg['bmg_target_lr']}; truncations of "
       f"{cfg['truncation']} steps). {machine['cpu']}, "
       f"{machine['cpu_count']} cores, jax {machine['jax']}; "
       f"{seconds / 60:.1f} min wall, {cpu_seconds / 60:.1f} min CPU "
@@ -180,6 +192,11 @@ def parse_args(argv):
                       choices=ESTIMATORS)
   parser.add_argument("--seeds", type=int)
   parser.add_argument("--outer-steps", type=int)
+  parser.add_argument("--pes-pairs", type=int,
+                      help="PES's antithetic pairs (4 matches TBPTT's 160 "
+                           "inner steps per outer step)")
+  parser.add_argument("--bmg-target-lr", type=float,
+                      help="BMG's final gradient step on the target")
   parser.add_argument("--out", help="JSON results")
   parser.add_argument("--plot", help="PNG of the loss curves")
   return parser.parse_args(argv)
@@ -189,7 +206,7 @@ def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   cfg = dict(SMOKE if args.smoke else FULL, smoke=args.smoke,
              estimators=args.estimators)
-  for field in ("seeds", "outer_steps"):
+  for field in ("seeds", "outer_steps", "pes_pairs", "bmg_target_lr"):
     if getattr(args, field) is not None:
       cfg[field] = getattr(args, field)
   start, cpu_start = time.perf_counter(), time.process_time()

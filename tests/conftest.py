@@ -35,10 +35,24 @@ _COMPILATION_CACHE_ENV = {
 _saved_env = {}
 
 
+def _is_xdist_worker() -> bool:
+  return "PYTEST_XDIST_WORKER" in os.environ
+
+
 def pytest_configure(config):
-  """Turns the compilation cache on before anything compiles."""
+  """Turns the compilation cache on before anything compiles.
+
+  Under pytest-xdist (``-n 2``, README's test command) the workers share
+  the controller's cache, which they inherit through the environment, and
+  only the controller removes it at the end.
+  """
   del config
-  cache = tempfile.mkdtemp(prefix="metalearn_xla_cache_")
+  inherited = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
+  if _is_xdist_worker() and pathlib.Path(inherited).name.startswith(
+      "metalearn_xla_cache_"):
+    cache = inherited
+  else:
+    cache = tempfile.mkdtemp(prefix="metalearn_xla_cache_")
   env = dict(_COMPILATION_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=cache)
   for name, value in env.items():
     _saved_env[name] = os.environ.get(name)
@@ -56,6 +70,8 @@ def pytest_unconfigure(config):
       os.environ.pop(name, None)
     else:
       os.environ[name] = value
+  if _is_xdist_worker():
+    return
   if cache and pathlib.Path(cache).name.startswith("metalearn_xla_cache_"):
     shutil.rmtree(cache, ignore_errors=True)
 

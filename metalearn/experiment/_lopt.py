@@ -3,9 +3,10 @@
 The second use of :mod:`metalearn.learned_optimizers` (the first is a
 few-shot learner, ``learner=metalstm`` or ``learner=lopt``):
 ``metalearn-train --config-name learned_optimizer`` meta-trains the
-optimiser over long inner horizons with truncated backprop or PES, then
-runs it against Adam and SGD, each with its learning rate tuned on
-training tasks, on held-out tasks (tasks of the test split).
+optimiser over long inner horizons with truncated backprop, PES or
+bootstrapped meta-gradients (BMG), then runs it against Adam and SGD, each
+with its learning rate tuned on training tasks, on held-out tasks (tasks
+of the test split).
 """
 
 import json
@@ -50,8 +51,9 @@ def validate_lopt_config(config: Mapping[str, Any]) -> dict[str, Any]:
   checks.one_of(cfg, "outer.estimator", lo.ESTIMATORS)
   for field in ("horizon", "truncation", "num_steps", "steps_per_call",
                 "log_every", "pes_pairs", "tbptt_particles",
-                "checkpoint_every", "max_to_keep"):
+                "bmg_particles", "checkpoint_every", "max_to_keep"):
     checks.int_at_least(cfg, f"outer.{field}", 1)
+  _check_bmg(cfg)
   checks.multiple_of(cfg, "outer.horizon", "outer.truncation")
   checks.multiple_of(cfg, "outer.log_every", "outer.steps_per_call")
   checks.multiple_of(cfg, "outer.num_steps", "outer.log_every")
@@ -74,6 +76,19 @@ def validate_lopt_config(config: Mapping[str, Any]) -> dict[str, Any]:
   return cfg
 
 
+def _check_bmg(cfg):
+  steps = checks.int_at_least(cfg, "outer.bmg_steps", 0)
+  target_lr = checks.get(cfg, "outer.bmg_target_lr")
+  if target_lr is not None and (
+      isinstance(target_lr, bool) or not isinstance(target_lr, (int, float))
+      or not target_lr >= 0):
+    raise ConfigError(f"outer.bmg_target_lr must be null or a number >= 0, "
+                      f"got {target_lr!r}")
+  if steps == 0 and not target_lr:
+    raise ConfigError("outer.bmg_steps=0 needs outer.bmg_target_lr > 0 (the "
+                      "bootstrapped target would be x_K itself)")
+
+
 def _estimator(cfg, family, lopt):
   outer = cfg["outer"]
   unroll = lo.truncated_unroll(
@@ -82,7 +97,9 @@ def _estimator(cfg, family, lopt):
   )
   return lo.make_estimator(
       outer["estimator"], unroll, pes_pairs=outer["pes_pairs"],
-      sigma=outer["sigma"], tbptt_particles=outer["tbptt_particles"])
+      sigma=outer["sigma"], tbptt_particles=outer["tbptt_particles"],
+      bmg_particles=outer["bmg_particles"], bmg_steps=outer["bmg_steps"],
+      bmg_target_lr=outer["bmg_target_lr"])
 
 
 def _plot(summaries: Mapping[str, Mapping[str, Any]], path: pathlib.Path,
@@ -116,7 +133,11 @@ def run_learned_optimizer(
   episode of the ``task`` (its training split) for ``outer.horizon``
   steps (minibatches of ``family.batch_size``); the meta-objective is the
   mean log training loss over truncations of ``outer.truncation`` steps,
-  its gradient estimated by ``outer.estimator`` (``pes`` or ``tbptt``).
+  its gradient estimated by ``outer.estimator`` (``pes``, ``tbptt`` or
+  ``bmg``: :func:`~metalearn.learned_optimizers.bootstrapped` with
+  ``outer.bmg_particles`` particles, targets ``outer.bmg_steps`` steps
+  past each truncation and a final gradient step of
+  ``outer.bmg_target_lr``, or none if null).
   After ``outer.num_steps`` outer steps (Adam, gradients clipped), the
   learned optimiser, and Adam and SGD with the learning rate of
   ``eval.learning_rates`` that trains ``eval.tune_tasks`` training tasks

@@ -6,7 +6,7 @@ drives any inner loop. It is used two ways: as the inner loop of a few-shot
 meta-learner (:func:`meta_lstm`, :func:`learned_optimizer_learner`), and
 meta-trained on a task family over long horizons, where *what is learned*
 (:func:`truncated_unroll`) is kept apart from *how its meta-gradient is
-estimated* (:func:`truncated_backprop`, :func:`pes`).
+estimated* (:func:`truncated_backprop`, :func:`pes`, :func:`bootstrapped`).
 """
 
 from metalearn.learned_optimizers._base import (
@@ -27,6 +27,7 @@ from metalearn.learned_optimizers._estimators import (
     ESTIMATORS,
     GradientEstimator,
     PESState,
+    bootstrapped,
     make_estimator,
     pes,
     truncated_backprop,
@@ -86,6 +87,7 @@ __all__ = (
     "PESState",
     "TaskFamily",
     "TruncatedUnroll",
+    "bootstrapped",
     "compare",
     "init_outer_state",
     "loss_curves",

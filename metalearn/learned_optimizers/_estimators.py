@@ -239,8 +239,145 @@ def _antithetic_es(unroll, num_pairs, sigma, stagger, persistent):
   return GradientEstimator(init, grad)
 
 
+MATCHINGS = ("euclidean",)
+
+
+def bootstrapped(
+    unroll: TruncatedUnroll,
+    *,
+    num_particles: int,
+    bootstrap_steps: int = 0,
+    target_lr: float | None = 0.1,
+    matching: str = "euclidean",
+    stagger: bool = True,
+) -> GradientEstimator:
+  r"""Bootstrapped meta-gradients (BMG).
+
+  Each particle unrolls :math:`K` (``truncation_length``) inner steps from
+  its carried state :math:`x_0` (a constant) with :math:`\theta`, reaching
+  :math:`x_K(\theta)`. A target is bootstrapped from there: :math:`L`
+  (``bootstrap_steps``) further steps of the same optimiser from
+  :math:`x_K`, then, if ``target_lr`` is set, one plain gradient step on
+  the unroll's meta-objective :math:`f`,
+
+  .. math::
+    \tilde x = y_L - \alpha \nabla f(y_L), \qquad
+    y_0 = x_K, \; y_{l+1} = y_l + u_\theta(y_l),
+
+  all held constant (stop-gradient in :math:`\theta` and :math:`x_K`).
+  The meta-objective is the distance from :math:`x_K(\theta)` to the
+  target, here :math:`\mu = \tfrac12 \lVert \tilde x - x_K(\theta)
+  \rVert^2` over the inner parameters, and the estimate is
+
+  .. math::
+    \hat g = \frac{1}{P} \sum_{p=1}^{P} \frac{\partial x_K^{(p)}}
+      {\partial \theta}^{\top} \bigl(x_K^{(p)} - \tilde x^{(p)}\bigr),
+
+  one backward pass through the :math:`K` steps, as in truncated
+  backprop; the :math:`L` target steps need no backward pass. The target
+  says where the optimiser itself gets to :math:`L` steps later (and a
+  gradient step further), so the meta-gradient pulls :math:`K` steps
+  towards what :math:`K + L` steps achieve: a horizon beyond the
+  truncation at the cost of :math:`L` forward steps. The particle carries
+  on from :math:`x_K` (the target steps are discarded), so its task's
+  horizon counts :math:`K` steps per truncation, as in the other
+  estimators.
+
+  The paper's target bootstrap length is ``bootstrap_steps + 1`` when
+  ``target_lr`` is set (its last step is the gradient step). With the
+  default, its :math:`L = 1`, the target is one gradient step from
+  :math:`x_K`, and the estimate is :math:`\alpha` times the gradient of
+  the meta-objective at the end of the truncation alone. Matching in
+  parameter space, as here, the optimiser's own steps in the target
+  reward stepping further along its current direction; on the sinusoid
+  benchmark (``benchmarks/learned_optimizers.py``) targets with
+  ``bootstrap_steps >= 1`` made the meta-learned steps, and the inner
+  runs, diverge within 200 outer steps, for ``target_lr`` up to 1.
+
+  Args:
+    unroll: what is learned; it must have ``advance`` and, if
+      ``target_lr`` is set, ``meta_loss`` (:func:`truncated_unroll`
+      provides both).
+    num_particles: inner runs :math:`P`, vmapped.
+    bootstrap_steps: :math:`L \ge 0`, the optimiser's steps from
+      :math:`x_K` to the target.
+    target_lr: :math:`\alpha`, the final gradient step on the target;
+      ``None`` or ``0`` for none. With ``bootstrap_steps=0`` the target is
+      one gradient step from :math:`x_K`.
+    matching: ``"euclidean"`` (the only one so far).
+    stagger: start the particles at different points of their horizon.
+
+  Returns:
+    A :class:`GradientEstimator` whose state is a batched
+    :class:`InnerState`; its metrics are ``"meta_loss"`` (the mean
+    meta-loss of the truncation, as truncated backprop reports) and
+    ``"matching"`` (the mean :math:`\mu`).
+
+  References:
+    Flennerhag et al., `Bootstrapped Meta-Learning
+    <https://arxiv.org/abs/2109.04504>`_, 2022.
+  """
+  _check_particles("num_particles", num_particles)
+  if not isinstance(bootstrap_steps, int) or bootstrap_steps < 0:
+    raise ValueError(f"bootstrap_steps must be an int >= 0, got "
+                     f"{bootstrap_steps!r}")
+  target_lr = target_lr or 0.0
+  if not target_lr >= 0:
+    raise ValueError(f"target_lr must be >= 0 or None, got {target_lr}")
+  if bootstrap_steps == 0 and target_lr == 0:
+    raise ValueError("bootstrap_steps=0 and no target_lr: the target would "
+                     "be x_K itself, and the meta-gradient zero")
+  if matching not in MATCHINGS:
+    raise ValueError(f"matching must be one of {MATCHINGS}, got "
+                     f"{matching!r}")
+  if unroll.advance is None or (target_lr and unroll.meta_loss is None):
+    raise ValueError("unroll must have advance (and meta_loss, for "
+                     "target_lr): build it with truncated_unroll")
+  vmapped_unroll = jax.vmap(unroll.unroll, in_axes=(None, 0, 0, None))
+
+  def target(theta, state: InnerState, key, data):
+    steps_key, grad_key = jax.random.split(key)
+    if bootstrap_steps:
+      state, _ = unroll.advance(theta, state, steps_key, data,
+                                bootstrap_steps)
+    params = state.params
+    if target_lr:
+      grads = jax.grad(unroll.meta_loss)(params, state.task, grad_key)
+      params = jax.tree.map(lambda p, g: p - target_lr * g, params, grads)
+    return params
+
+  def init(theta, key, data):
+    return _init_particles(unroll, theta, key, data, num_particles, stagger)
+
+  def grad(theta, states: InnerState, key, data):
+    unroll_key, target_key = jax.random.split(key)
+    keys = jax.random.split(unroll_key, num_particles)
+
+    def inner_params(theta):
+      states_out, losses = vmapped_unroll(
+          theta, jax.lax.stop_gradient(states), keys, data)
+      return states_out.params, (states_out, losses)
+
+    params, pullback, (states, losses) = jax.vjp(inner_params, theta,
+                                                 has_aux=True)
+    # The target is built outside the differentiated function: a constant
+    # in theta and in x_K by construction.
+    targets = jax.vmap(target, in_axes=(None, 0, 0, None))(
+        jax.lax.stop_gradient(theta), states,
+        jax.random.split(target_key, num_particles), data)
+    diffs = jax.tree.map(jnp.subtract, params, targets)
+    # x_K - target is d mu / d x_K; the mean over particles scales it.
+    (grads,) = pullback(jax.tree.map(lambda d: d / num_particles, diffs))
+    matching_loss = sum(0.5 * jnp.sum(d**2) for d in jax.tree.leaves(diffs))
+    metrics = {"meta_loss": jnp.mean(losses),
+               "matching": matching_loss / num_particles}
+    return grads, states, metrics
+
+  return GradientEstimator(init, grad)
+
+
 # Estimators by name, as configs and scripts choose them.
-ESTIMATORS = ("pes", "tbptt")
+ESTIMATORS = ("bmg", "pes", "tbptt")
 
 
 def make_estimator(
@@ -250,17 +387,26 @@ def make_estimator(
     pes_pairs: int = 8,
     sigma: float = 0.01,
     tbptt_particles: int = 8,
+    bmg_particles: int = 8,
+    bmg_steps: int = 0,
+    bmg_target_lr: float | None = 0.1,
 ) -> GradientEstimator:
   """The estimator :data:`ESTIMATORS` names, on ``unroll``.
 
   Args:
     name: ``"pes"`` (:func:`pes` with ``pes_pairs`` antithetic pairs of
-      scale ``sigma``) or ``"tbptt"`` (:func:`truncated_backprop` with
-      ``tbptt_particles`` particles).
+      scale ``sigma``), ``"tbptt"`` (:func:`truncated_backprop` with
+      ``tbptt_particles`` particles) or ``"bmg"`` (:func:`bootstrapped`
+      with ``bmg_particles`` particles, targets ``bmg_steps`` steps on and
+      a final gradient step of ``bmg_target_lr``).
     unroll: what is learned (:func:`truncated_unroll`).
     pes_pairs: PES's antithetic pairs.
     sigma: PES's perturbation scale.
     tbptt_particles: truncated backprop's particles.
+    bmg_particles: BMG's particles.
+    bmg_steps: BMG's bootstrap steps.
+    bmg_target_lr: BMG's final gradient step on the target (``None``:
+      none).
 
   Returns:
     The :class:`GradientEstimator`.
@@ -272,5 +418,8 @@ def make_estimator(
     return pes(unroll, num_pairs=pes_pairs, sigma=sigma)
   if name == "tbptt":
     return truncated_backprop(unroll, num_particles=tbptt_particles)
+  if name == "bmg":
+    return bootstrapped(unroll, num_particles=bmg_particles,
+                        bootstrap_steps=bmg_steps, target_lr=bmg_target_lr)
   raise ValueError(
       f"estimator must be one of {', '.join(ESTIMATORS)}, got {name!r}")

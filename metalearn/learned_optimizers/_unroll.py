@@ -126,12 +126,22 @@ class TruncatedUnroll(NamedTuple):
     truncation_length: inner steps per truncation.
     horizon: inner steps per task before a reset (a multiple of
       ``truncation_length``, so resets fall between truncations).
+    advance: ``advance(theta, state, key, data, num_steps) -> (state,
+      losses)``: takes ``num_steps`` (static) further steps of the same
+      step as ``unroll``, never resetting (past the horizon it keeps
+      training the task); ``losses`` ``[num_steps]`` is the objective
+      after each step. Bootstrapped targets (:func:`bootstrapped`) are
+      built with it; ``None`` for unrolls that cannot advance.
+    meta_loss: ``meta_loss(params, task, key) -> scalar``, the objective
+      ``unroll`` measures after each step (``None`` if unknown).
   """
 
   init: Callable[[PyTree, jax.Array, PyTree], InnerState]
   unroll: Callable[..., tuple[InnerState, jax.Array]]
   truncation_length: int
   horizon: int
+  advance: Callable[..., tuple[InnerState, jax.Array]] | None = None
+  meta_loss: Callable[[PyTree, PyTree, jax.Array], jax.Array] | None = None
 
 
 def truncated_unroll(
@@ -183,11 +193,17 @@ def truncated_unroll(
     opt_state = learned_optimizer.opt_fn(theta).init(params)
     return InnerState(params, opt_state, jnp.zeros((), jnp.int32), task)
 
-  def unroll(theta, state: InnerState, key, data):
-    reset_key, steps_key = jax.random.split(key)
-    reset = state.step >= horizon
-    fresh = init(theta, reset_key, data)
-    state = jax.tree.map(lambda a, b: jnp.where(reset, a, b), fresh, state)
+  def meta_loss(params, task, key):
+    if objective == "train":
+      loss = task_family.loss(params, task, key)
+    else:
+      loss = task_family.eval_loss(params, task)
+    if log_loss:
+      loss = jnp.log(jnp.maximum(loss, _TINY))
+    return loss
+
+  def advance(theta, state: InnerState, key, data, num_steps):
+    del data  # The task is in the state.
     tx = optax.with_extra_args_support(learned_optimizer.opt_fn(theta))
 
     def step(s: InnerState, k):
@@ -198,19 +214,21 @@ def truncated_unroll(
       updates, opt_state = tx.update(grads, s.opt_state, s.params,
                                      value=loss)
       params = optax.apply_updates(s.params, updates)
-      if objective == "train":
-        meta_loss = task_family.loss(params, s.task, meta_key)
-      else:
-        meta_loss = task_family.eval_loss(params, s.task)
-      if log_loss:
-        meta_loss = jnp.log(jnp.maximum(meta_loss, _TINY))
-      return InnerState(params, opt_state, s.step + 1, s.task), meta_loss
+      return (InnerState(params, opt_state, s.step + 1, s.task),
+              meta_loss(params, s.task, meta_key))
 
-    keys = jax.random.split(steps_key, truncation_length)
-    state, losses = jax.lax.scan(step, state, keys)
+    return jax.lax.scan(step, state, jax.random.split(key, num_steps))
+
+  def unroll(theta, state: InnerState, key, data):
+    reset_key, steps_key = jax.random.split(key)
+    reset = state.step >= horizon
+    fresh = init(theta, reset_key, data)
+    state = jax.tree.map(lambda a, b: jnp.where(reset, a, b), fresh, state)
+    state, losses = advance(theta, state, steps_key, data, truncation_length)
     return state, jnp.mean(losses)
 
-  return TruncatedUnroll(init, unroll, truncation_length, horizon)
+  return TruncatedUnroll(init, unroll, truncation_length, horizon, advance,
+                         meta_loss)
 
 
 def training_curves(

@@ -34,7 +34,8 @@ def test_default_config_is_the_benchmark_family():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator,logger", [("pes", "wandb"),
-                                              ("tbptt", "none")])
+                                              ("tbptt", "none"),
+                                              ("bmg", "none")])
 def test_meta_trains_compares_and_writes_curves(tmp_path, monkeypatch,
                                                estimator, logger):
   # wandb offline: files only, no network.
@@ -67,7 +68,14 @@ def test_meta_trains_compares_and_writes_curves(tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("override,message", [
-    ("outer.estimator=sgd", "outer.estimator='sgd' is not one of pes, tbptt"),
+    ("outer.estimator=sgd",
+     "outer.estimator='sgd' is not one of bmg, pes, tbptt"),
+    ("outer.bmg_steps=-1", "outer.bmg_steps must be an int >= 0"),
+    ("outer.bmg_target_lr=-0.1",
+     "outer.bmg_target_lr must be null or a number >= 0"),
+    ("outer.bmg_steps=0 outer.bmg_target_lr=null",
+     "outer.bmg_steps=0 needs outer.bmg_target_lr > 0"),
+    ("outer.bmg_particles=0", "outer.bmg_particles must be an int >= 1"),
     ("outer.horizon=5",
      "outer.horizon=5 must be a multiple of outer.truncation=2"),
     ("outer.meta_lr=0", "outer.meta_lr must be a number > 0"),
@@ -81,7 +89,7 @@ def test_meta_trains_compares_and_writes_curves(tmp_path, monkeypatch,
 def test_bad_fields_are_named(override, message):
   with pytest.raises(experiment.ConfigError, match=message.replace(
       "[", r"\[").replace("]", r"\]")):
-    _lopt.validate_lopt_config(_compose(override))
+    _lopt.validate_lopt_config(_compose(*override.split()))
 
 
 @pytest.mark.slow

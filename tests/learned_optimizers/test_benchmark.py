@@ -33,7 +33,8 @@ def test_smoke_run_writes_results_and_plot(bench, tmp_path, capsys):
   result = json.loads(out.read_text())
   cfg = result["config"]
   assert result["benchmark"] == "learned_optimizers" and cfg["smoke"]
-  names = {"adam", "sgd", "learned (pes)", "learned (tbptt)"}
+  names = {"adam", "sgd", "learned (bmg)", "learned (pes)",
+           "learned (tbptt)"}
   assert set(result["summary"]) == names
   for name in names:
     runs = result["per_seed"][name]
@@ -50,7 +51,7 @@ def test_smoke_run_writes_results_and_plot(bench, tmp_path, capsys):
     table = {float(k): v for k, v in result["tuning_final_train"][name].items()}
     assert set(table) == set(cfg["lrs"])
     assert table[lr] == min(table.values())
-  for est in ("pes", "tbptt"):
+  for est in ("bmg", "pes", "tbptt"):
     (first, *_) = result["meta_training"][est]
     assert [h["step"] for h in first["history"]][-1] == cfg["outer_steps"]
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -156,6 +156,110 @@ def test_pes_forgets_perturbations_when_a_task_resets():
 
 
 # ---------------------------------------------------------------------------
+# Bootstrapped meta-gradients in closed form.
+#
+# Inner loss f(x) = 0.5 a |x|^2 (a drawn per task), optimiser x <- x -
+# theta grad f = (1 - theta a) x. From the carried x_0, K steps give
+# x_K = r^K x_0 with r = 1 - theta a; the target, L more steps and a
+# gradient step of alpha, is (1 - alpha a) r^L x_K, held constant; so
+#     d/dtheta 0.5 |target - x_K|^2 = (target - x_K) . K a r^(K-1) x_0.
+# ---------------------------------------------------------------------------
+
+
+def _learned_step_sgd() -> lo.LearnedOptimizer:
+  def opt_fn(theta):
+    return optax.GradientTransformationExtraArgs(
+        lambda p: optax.EmptyState(),
+        lambda g, s, params=None, **extra: (
+            jax.tree.map(lambda u: -theta * u, g), s))
+
+  return lo.LearnedOptimizer(lambda key: jnp.asarray(0.3), opt_fn)
+
+
+def _curvature_family() -> lo.TaskFamily:
+  def loss(x, a, key):
+    del key
+    return 0.5 * a * jnp.sum(x**2)
+
+  return lo.TaskFamily(
+      sample=lambda key, data: jax.random.uniform(key, (), minval=0.5,
+                                                  maxval=2.0),
+      init=lambda key, a: jax.random.normal(key, (3,)),
+      loss=loss,
+      eval_loss=lambda x, a: loss(x, a, None),
+      data=None,
+  )
+
+
+def _bmg(truncation, steps, target_lr, num_particles=4):
+  unroll = lo.truncated_unroll(_curvature_family(), _learned_step_sgd(),
+                               truncation_length=truncation,
+                               horizon=4 * truncation)
+  return lo.bootstrapped(unroll, num_particles=num_particles,
+                         bootstrap_steps=steps, target_lr=target_lr,
+                         stagger=False)
+
+
+def _bmg_closed_form(theta, a, x0, k, steps, alpha, stop_gradient=True):
+  """The mean over particles (``a [P]``, ``x0 [P, 3]``) of the BMG
+  gradient; without ``stop_gradient``, the full derivative of the
+  matching loss, target included (what BMG must not compute)."""
+  a = a[:, None]
+  held = jax.lax.stop_gradient if stop_gradient else (lambda v: v)
+
+  def matching(theta):
+    x_k = (1 - theta * a) ** k * x0
+    target = (1 - alpha * a) * (1 - held(theta) * a) ** steps * held(x_k)
+    return jnp.mean(0.5 * jnp.sum((target - x_k) ** 2, axis=1))
+
+  return jax.grad(matching)(theta)
+
+
+@pytest.mark.parametrize("k,steps,alpha", [(1, 1, 0.1), (2, 3, 0.0),
+                                           (3, 0, 0.5), (1, 2, None)],
+                         ids=["K1-L1", "K2-L3-no-step", "K3-L0", "K1-L2"])
+def test_bootstrapped_gradient_matches_the_closed_form(k, steps, alpha):
+  estimator = _bmg(k, steps, alpha)
+  theta = jnp.asarray(0.3)
+  state = estimator.init(theta, jax.random.key(0), None)
+  grad = jax.jit(estimator.grad)
+  a, x0 = state.task, state.params
+  grads, state, metrics = grad(theta, state, jax.random.key(1), None)
+  alpha = alpha or 0.0
+  want = _bmg_closed_form(theta, a, x0, k, steps, alpha)
+  # The explicit formula of the header, as a check on the one above.
+  r = 1 - theta * a[:, None]
+  x_k = r**k * x0
+  target = (1 - alpha * a[:, None]) * r**steps * x_k
+  explicit = jnp.mean(jnp.sum((target - x_k) * k * a[:, None]
+                              * r ** (k - 1) * x0, axis=1))
+  np.testing.assert_allclose(want, explicit, rtol=1e-5)
+  np.testing.assert_allclose(grads, want, rtol=1e-5)
+  np.testing.assert_allclose(
+      metrics["matching"],
+      jnp.mean(0.5 * jnp.sum((target - x_k) ** 2, axis=1)), rtol=1e-5)
+  # The particles carry on from x_K, not from the target.
+  np.testing.assert_allclose(state.params, x_k, rtol=1e-6)
+  np.testing.assert_array_equal(state.step, [k] * 4)
+  # ... and the next truncation starts from there.
+  grads, _, _ = grad(theta, state, jax.random.key(2), None)
+  np.testing.assert_allclose(
+      grads, _bmg_closed_form(theta, a, x_k, k, steps, alpha), rtol=1e-5)
+
+
+def test_bootstrapped_target_is_held_constant():
+  """Differentiating through the target too gives a different gradient
+  (here even of the opposite sign): the test above would catch it."""
+  theta = jnp.asarray(0.3)
+  estimator = _bmg(1, 1, 0.1)
+  state = estimator.init(theta, jax.random.key(0), None)
+  grads, _, _ = estimator.grad(theta, state, jax.random.key(1), None)
+  full = _bmg_closed_form(theta, state.task, state.params, 1, 1, 0.1,
+                          stop_gradient=False)
+  assert abs(float(grads - full)) > 0.5 * abs(float(grads)), (grads, full)
+
+
+# ---------------------------------------------------------------------------
 # Real learned optimisers on a small task family.
 # ---------------------------------------------------------------------------
 
@@ -249,15 +353,31 @@ def test_bad_estimator_arguments_name_the_field():
     lo.pes(unroll, num_pairs=1, sigma=0.0)
   with pytest.raises(ValueError, match="num_particles"):
     lo.truncated_backprop(unroll, num_particles=0)
+  with pytest.raises(ValueError, match="bootstrap_steps"):
+    lo.bootstrapped(unroll, num_particles=1, bootstrap_steps=-1)
+  with pytest.raises(ValueError, match="target_lr"):
+    lo.bootstrapped(unroll, num_particles=1, target_lr=-0.1)
+  with pytest.raises(ValueError, match="bootstrap_steps=0 and no target_lr"):
+    lo.bootstrapped(unroll, num_particles=1, bootstrap_steps=0,
+                    target_lr=None)
+  with pytest.raises(ValueError, match="matching"):
+    lo.bootstrapped(unroll, num_particles=1, matching="kl")
+  with pytest.raises(ValueError, match="advance"):
+    lo.bootstrapped(unroll._replace(advance=None), num_particles=1)
 
 
 @pytest.mark.parametrize("name", lo.ESTIMATORS)
 def test_make_estimator_is_the_named_estimator(name):
   unroll = _quadratic_unroll()
   made = lo.make_estimator(name, unroll, pes_pairs=2, sigma=0.1,
-                           tbptt_particles=2)
-  direct = (lo.pes(unroll, num_pairs=2, sigma=0.1) if name == "pes"
-            else lo.truncated_backprop(unroll, num_particles=2))
+                           tbptt_particles=2, bmg_particles=2, bmg_steps=3,
+                           bmg_target_lr=0.1)
+  direct = {
+      "pes": lambda: lo.pes(unroll, num_pairs=2, sigma=0.1),
+      "tbptt": lambda: lo.truncated_backprop(unroll, num_particles=2),
+      "bmg": lambda: lo.bootstrapped(unroll, num_particles=2,
+                                     bootstrap_steps=3, target_lr=0.1),
+  }[name]()
   key = jax.random.key(0)
   got = made.grad(THETA, made.init(THETA, key, None), key, None)
   want = direct.grad(THETA, direct.init(THETA, key, None), key, None)
@@ -265,5 +385,5 @@ def test_make_estimator_is_the_named_estimator(name):
 
 
 def test_make_estimator_rejects_an_unknown_name():
-  with pytest.raises(ValueError, match="one of pes, tbptt, got 'es'"):
+  with pytest.raises(ValueError, match="one of bmg, pes, tbptt, got 'es'"):
     lo.make_estimator("es", _quadratic_unroll())

@@ -46,7 +46,8 @@ def test_running_statistics_come_back_as_their_new_value():
   model = models.conv4(3, features=4, norm="running")
   learner = metalearners.maml(model, 0.1, 2)
   meta = learner.init(jax.random.key(1), ep)
-  grads, _ = learner.meta_grad(meta, ep, None)
+  # Jitted: op by op, a second-order meta-gradient takes many seconds.
+  grads, _ = jax.jit(learner.meta_grad)(meta, ep, None)
   inner = metalearners.inner_optimize(
       model, optax.sgd(0.1), meta.params, ep.support_x, ep.support_y,
       num_steps=2, model_state=meta.model_state)
@@ -57,7 +58,7 @@ def test_running_statistics_come_back_as_their_new_value():
   embed = models.conv4(None, features=4, norm="running")
   proto = metalearners.protonet(embed)
   meta = proto.init(jax.random.key(1), ep)
-  grads, _ = proto.meta_grad(meta, ep, None)
+  grads, _ = jax.jit(proto.meta_grad)(meta, ep, None)
   _, new = models.forward(embed, meta.params, meta.model_state,
                           jnp.concatenate([ep.support_x, ep.query_x]),
                           training=True)
