@@ -41,11 +41,14 @@ STATE=${STATE:-.devruns}
 # The next standing work: the MAML family's rows on full schedules, MAML
 # with the non-transductive support statistics first; then iMAML's first
 # row, ProtoNet on the Omniglot challenge protocol (Lake et al.'s split,
-# within-alphabet episodes) and the population throughput.
+# within-alphabet episodes; its experiment file's CPU schedule stretched to
+# 20000 steps, the rate halved every 2000 as Snell et al.) and the
+# population throughput.
 DEFAULT_JOBS="row:omniglot_5w1s_maml:model.norm=support
   row:omniglot_5w1s_metasgd row:omniglot_20w1s_maml row:omniglot_20w1s_anil
   row:omniglot_5w5s_maml row:omniglot_20w1s_metasgd row:omniglot_5w1s_imaml
-  row:omniglot_lake_20w1s_protonet population"
+  row:omniglot_lake_20w1s_protonet:trainer.num_steps=20000:optimizer.learning_rate.transition_steps=2000
+  population"
 JOBS=${JOBS:-$DEFAULT_JOBS}
 mkdir -p "$OUTDIR"
 W=$(mktemp -d)
