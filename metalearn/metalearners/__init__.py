@@ -35,6 +35,12 @@ from metalearn.metalearners._protonet import (
     prototypes,
     squared_distances,
 )
+from metalearn.metalearners._r2d2 import (
+    R2D2Params,
+    RidgeHead,
+    r2d2,
+    ridge_regression,
+)
 from metalearn.metalearners._reptile import ReptileParams, reptile
 
 __all__ = (
@@ -45,7 +51,9 @@ __all__ = (
     "MetaSGDParams",
     "MixedInputs",
     "MixedLabels",
+    "R2D2Params",
     "ReptileParams",
+    "RidgeHead",
     "WithModelState",
     "adaptation_learner",
     "anil",
@@ -66,7 +74,9 @@ __all__ = (
     "protonet",
     "prototypes",
     "proximal",
+    "r2d2",
     "reptile",
+    "ridge_regression",
     "scale_by_rates",
     "squared_distances",
     "task_loss",

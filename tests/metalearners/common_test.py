@@ -162,6 +162,10 @@ LEARNERS_UNDER_TEST: tuple[LearnerCase, ...] = (
         lambda: metalearners.imaml(_conv(), 0.1, 1, reg=2.0, cg_steps=2),
         "omniglot",
     ),
+    # The ridge head on running statistics, as its experiments run it.
+    LearnerCase(
+        "r2d2_running", lambda: metalearners.r2d2(_running(None)), "omniglot"
+    ),
 )
 
 # Learners checked for the independence of a query's outputs only (one
@@ -214,6 +218,9 @@ INDEPENDENCE_ONLY: tuple[LearnerCase, ...] = (
     LearnerCase("imaml_support",
                 lambda: metalearners.imaml(_conv(norm="support"), 0.1, 1,
                                            cg_steps=2), "omniglot"),
+    LearnerCase("r2d2_support",
+                lambda: metalearners.r2d2(_conv(None, norm="support")),
+                "omniglot"),
 )
 
 _CASES = [pytest.param(c, id=c.name) for c in LEARNERS_UNDER_TEST]
