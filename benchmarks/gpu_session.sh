@@ -45,6 +45,7 @@ STATE=${STATE:-.devruns}
 # 20000 steps, the rate halved every 2000 as Snell et al.) and the
 # population throughput.
 DEFAULT_JOBS="row:omniglot_5w1s_maml:model.norm=support
+  row:omniglot_5w1s_r2d2 row:omniglot_20w1s_r2d2
   row:omniglot_5w1s_metasgd row:omniglot_20w1s_maml row:omniglot_20w1s_anil
   row:omniglot_5w5s_maml row:omniglot_20w1s_metasgd row:omniglot_5w1s_imaml
   row:omniglot_lake_20w1s_protonet:trainer.num_steps=20000:optimizer.learning_rate.transition_steps=2000
