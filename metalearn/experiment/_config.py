@@ -167,6 +167,11 @@ def _validate_trainer(cfg) -> None:
   ckpt = checks.get(cfg, "trainer.checkpoint_dir")
   if ckpt is not None and not isinstance(ckpt, str):
     raise ConfigError(f"trainer.checkpoint_dir must be a path, got {ckpt!r}")
+  init_from = cfg["trainer"].get("init_from")
+  if init_from is not None and not isinstance(init_from, str):
+    raise ConfigError(
+        f"trainer.init_from must be a run or checkpoint directory, got "
+        f"{init_from!r}")
 
 
 def _validate_selection(cfg) -> None:

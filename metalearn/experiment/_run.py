@@ -15,6 +15,7 @@ from metalearn.experiment import (
   _build,
   _checkpoint,
   _config,
+  _init_from,
   _logging,
   _records,
   _select,
@@ -121,6 +122,20 @@ def _select_and_test(trainer, learner, samplers, state, selection, logger):
   return results
 
 
+def _pretrained_state(cfg, learner, tx, samplers, key):
+  """The fresh state :func:`~metalearn.training.meta_train` would build,
+  with the network of ``trainer.init_from`` loaded into it."""
+  state = training.init_state(learner, tx, samplers.train,
+                              jax.random.split(key)[0])
+  net = _build.instantiate(cfg["model"], "model")
+  example = jax.eval_shape(samplers.test.sample, jax.random.key(0),
+                           samplers.test.data)
+  x = jax.ShapeDtypeStruct(example.support_x.shape, example.support_x.dtype)
+  modules = frozenset(jax.eval_shape(net.init, jax.random.key(0), x))
+  return state._replace(meta_params=_init_from.load_network(
+      state.meta_params, cfg["trainer"]["init_from"], modules))
+
+
 def run_experiment(
     config: Mapping[str, Any], run_dir: str | os.PathLike
 ) -> dict[str, Any]:
@@ -195,6 +210,8 @@ def run_experiment(
     state = _records.resume_state(
         manager, trainer["resume"], "trainer.resume",
         lambda: training.init_state(learner, tx, samplers.train, key))
+    if state is None and trainer.get("init_from"):
+      state = _pretrained_state(cfg, learner, tx, samplers, key)
     selection = _select.Selection(
         trainer["select"], metric, direction,
         pathlib.Path(manager.directory) / "best", resumed=state is not None)

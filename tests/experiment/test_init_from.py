@@ -1,0 +1,122 @@
+"""``trainer.init_from``: a run starts from another run's network."""
+
+import logging
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from metalearn import experiment, metalearners, training
+from metalearn.experiment import _init_from, _run
+from metalearn.experiment._checks import ConfigError
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_transplant_matches_by_name_inside_the_network_and_shape():
+  source = {
+      "params": {
+          "embed": {"block0": {"kernel": np.full((3, 2), 7.0)},
+                    "head": {"kernel": np.ones((2, 40))}},
+          "log_lam": np.float32(3.0),
+      },
+      "model_state": {"block0": {"mean": np.full((2,), 5.0)}},
+  }
+  target = metalearners.WithModelState(
+      {"block0": {"kernel": np.zeros((3, 2), np.float32)},
+       "head": {"kernel": np.zeros((2, 5), np.float32)}},
+      {"block0": {"mean": np.zeros((2,), np.float32)}},
+  )
+  target = (target, {"log_lam": np.float32(0.0)})  # a learner's own field
+  out, copied, kept = _init_from.transplant(target, source,
+                                            {"block0", "head"})
+  (net, own) = out
+  np.testing.assert_array_equal(net.params["block0"]["kernel"], 7.0)
+  assert net.params["block0"]["kernel"].dtype == np.float32
+  np.testing.assert_array_equal(net.model_state["block0"]["mean"], 5.0)
+  np.testing.assert_array_equal(net.params["head"]["kernel"], 0.0)
+  assert float(own["log_lam"]) == 0.0  # not the network's: untouched
+  assert sorted(copied) == ["block0/kernel", "block0/mean"]
+  assert kept == ["head/kernel"]  # 40 classes there, 5 ways here
+
+
+def test_ambiguous_checkpoint_names_are_refused():
+  source = {"model": {"block0": {"k": np.ones(2)}},
+            "embed": {"block0": {"k": np.ones(2)}}}
+  with pytest.raises(ValueError, match="two leaves named block0/k"):
+    _init_from.transplant({"block0": {"k": np.zeros(2)}}, source,
+                          {"block0"})
+
+
+# Sinusoid runs, the cheapest real ones: 2 meta-steps, no test episodes.
+FAST = ("logger=none", "trainer.meta_batch_size=4", "trainer.num_steps=2",
+        "trainer.log_every=1", "trainer.checkpoint_every=1",
+        "trainer.steps_per_call=1", "trainer.test_episodes=0",
+        "trainer.progress=false")
+
+
+@pytest.fixture(scope="module")
+def maml_run(tmp_path_factory):
+  """A checkpointed MAML run on sinusoids (Finn et al.'s 40-40 MLP)."""
+  run_dir = tmp_path_factory.mktemp("maml_run")
+  with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    cfg = compose("train", overrides=["experiment=sinusoid_maml", *FAST])
+  experiment.run_experiment(cfg, run_dir)
+  return run_dir
+
+
+def test_metasgd_starts_from_a_maml_network(compose_train, tmp_path,
+                                            maml_run, caplog):
+  _, saved = experiment.load_checkpoint(maml_run / "checkpoints")
+  source = saved["meta_params"]
+  cfg = experiment.validate_config(compose_train(
+      "experiment=sinusoid_metasgd", *FAST,
+      f"trainer.init_from={maml_run}"))
+  learner = experiment.build_learner(cfg)
+  tx = experiment.build_optimizer(cfg)
+  samplers = _run._samplers(cfg, learner)
+  key = jax.random.key(cfg["seed"])
+  state = _run._pretrained_state(cfg, learner, tx, samplers, key)
+  fresh = training.init_state(learner, tx, samplers.train,
+                              jax.random.split(key)[0])
+  # The network comes from the checkpoint (after its 2 meta-steps, so it
+  # differs from the fresh one), leaf for leaf ...
+  jax.tree.map(np.testing.assert_array_equal, state.meta_params.model,
+               source)
+  assert not np.array_equal(state.meta_params.model["head"]["kernel"],
+                            fresh.meta_params.model["head"]["kernel"])
+  # ... and Meta-SGD's own step sizes keep their initialisation.
+  jax.tree.map(np.testing.assert_array_equal, state.meta_params.inner_lr,
+               fresh.meta_params.inner_lr)
+  # The whole run: trained from there and saying what it did.
+  with caplog.at_level(logging.INFO, logger="metalearn.experiment"):
+    results = experiment.run_experiment(cfg, tmp_path)
+  assert results["steps"] == 2
+  assert "loaded 6 network leaves of checkpoint 2" in caplog.text
+
+
+def test_a_network_of_another_width_fails_in_one_line(compose_train,
+                                                      tmp_path, maml_run):
+  cfg = compose_train("experiment=sinusoid_metasgd", *FAST,
+                      "model.hidden=[20,20]",
+                      f"trainer.init_from={maml_run}")
+  with pytest.raises(ConfigError, match=r"trainer.init_from=.*4 network "
+                     r"leaves have other shapes .*dense0/bias \(40,\) "
+                     r"there, \(20,\) here"):
+    experiment.run_experiment(cfg, tmp_path)
+
+
+def test_a_directory_without_checkpoints_fails_in_one_line(compose_train,
+                                                           tmp_path):
+  cfg = compose_train("experiment=sinusoid_maml", *FAST,
+                      f"trainer.init_from={tmp_path / 'nothing'}")
+  with pytest.raises(ConfigError, match="trainer.init_from=.*no checkpoint"):
+    experiment.run_experiment(cfg, tmp_path / "run")
+
+
+def test_init_from_must_be_a_path(compose_train):
+  with pytest.raises(ConfigError, match="trainer.init_from must be"):
+    experiment.validate_config(
+        compose_train("experiment=sinusoid_maml", "trainer.init_from=3"))
