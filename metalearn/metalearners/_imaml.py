@@ -239,8 +239,9 @@ def imaml(
     >>> ep = sampler.sample(jax.random.key(0), None)
     >>> learner = imaml(models.mlp(), inner_lr=0.01, num_inner_steps=5,
     ...                 reg=1.0, cg_steps=3)
-    >>> params = learner.init(jax.random.key(1), ep)
-    >>> grads, metrics = learner.meta_grad(params, ep, jax.random.key(2))
+    >>> params = jax.jit(learner.init)(jax.random.key(1), ep)
+    >>> meta_grad = jax.jit(learner.meta_grad)
+    >>> grads, metrics = meta_grad(params, ep, jax.random.key(2))
     >>> sorted(metrics)
     ['outer/loss']
 

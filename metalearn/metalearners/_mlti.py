@@ -143,9 +143,10 @@ def mlti(
     >>> learner = mlti(functools.partial(metalearners.maml, inner_lr=0.4),
     ...                models.conv4(3, features=8), sampler)
     >>> ep = sampler.sample(jax.random.key(0), pool)
-    >>> params = learner.init(jax.random.key(1), ep)
-    >>> meta_grad = jax.jit(learner.meta_grad)
-    >>> grads, metrics = meta_grad(params, ep, jax.random.key(2))
+    >>> params = jax.jit(learner.init)(jax.random.key(1), ep)
+    >>> # Shapes only here (compiling second-order MAML takes a while):
+    >>> grads, metrics = jax.eval_shape(learner.meta_grad, params, ep,
+    ...                                 jax.random.key(2))
     >>> sorted(metrics)
     ['outer/accuracy', 'outer/loss']
 

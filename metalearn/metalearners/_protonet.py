@@ -92,9 +92,11 @@ def protonet(embed: Model) -> MetaLearner:
     ...                           num_queries=2)
     >>> ep = s.sample(jax.random.key(0), pool)
     >>> learner = protonet(models.conv4(None, norm="running"))
-    >>> params = learner.init(jax.random.key(1), ep)
-    >>> loss, metrics = learner.evaluate(
-    ...     params, learner.adapt(params, ep, None), ep)
+    >>> params = jax.jit(learner.init)(jax.random.key(1), ep)
+    >>> @jax.jit
+    ... def test_episode(params, ep):
+    ...   return learner.evaluate(params, learner.adapt(params, ep, None), ep)
+    >>> loss, metrics = test_episode(params, ep)
     >>> sorted(metrics)
     ['outer/accuracy', 'outer/loss']
 
