@@ -65,11 +65,20 @@ def check_head(learner: MetaLearner, cfg: Mapping[str, Any]) -> None:
   the top-level ``model`` group) must equal ``task.num_ways``, and
   meta-training must use the same number of ways. Embedding learners
   (``head=False``) and regression tasks (``task.num_ways`` null) take any.
+  A learner with a fixed number of label slots (``learner.max_ways``, the
+  in-context learner) takes up to that many ways.
 
   Raises:
     ConfigError: naming the field to change.
   """
   task, model = cfg["task"], cfg["model"]
+  max_ways = cfg["learner"].get("max_ways")
+  if max_ways is not None and not is_regression(task):
+    for field in ("num_ways", "train_num_ways"):
+      if task[field] is not None and task[field] > max_ways:
+        raise ConfigError(
+            f"task.{field}={task[field]} exceeds learner.max_ways="
+            f"{max_ways}, the learner's label slots: raise learner.max_ways")
   if not learner.head or is_regression(task) or "num_outputs" not in model:
     return
   name, num_outputs = learner_name(cfg), model["num_outputs"]

@@ -16,6 +16,12 @@ from metalearn.metalearners._imaml import (
     implicit_solution,
     proximal,
 )
+from metalearn.metalearners._incontext import (
+    ContextCache,
+    InContextParams,
+    InContextTransformer,
+    in_context,
+)
 from metalearn.metalearners._inner import (
     InnerResult,
     inner_optimize,
@@ -42,9 +48,25 @@ from metalearn.metalearners._r2d2 import (
     ridge_regression,
 )
 from metalearn.metalearners._reptile import ReptileParams, reptile
+from metalearn.metalearners._supervised import (
+    FittedHead,
+    Head,
+    SupervisedParams,
+    baseline,
+    baseline_pp,
+    finetune_head,
+    logistic_regression,
+    rfs,
+    supervised,
+)
 
 __all__ = (
+    "ContextCache",
     "EpisodePair",
+    "FittedHead",
+    "Head",
+    "InContextParams",
+    "InContextTransformer",
     "InnerResult",
     "RUNNING_NORM_WARNING",
     "MetaLearner",
@@ -54,18 +76,24 @@ __all__ = (
     "R2D2Params",
     "ReptileParams",
     "RidgeHead",
+    "SupervisedParams",
     "WithModelState",
     "adaptation_learner",
     "anil",
+    "baseline",
+    "baseline_pp",
     "conjugate_gradient",
     "cutmix",
     "default_meta_grad",
     "feature_mixing",
+    "finetune_head",
     "imaml",
     "implicit_solution",
+    "in_context",
     "inner_optimize",
     "inner_sgd",
     "interpolate_tasks",
+    "logistic_regression",
     "make_learner",
     "maml",
     "metasgd",
@@ -76,8 +104,10 @@ __all__ = (
     "proximal",
     "r2d2",
     "reptile",
+    "rfs",
     "ridge_regression",
     "scale_by_rates",
     "squared_distances",
+    "supervised",
     "task_loss",
 )

@@ -14,6 +14,7 @@ from metalearn.tasks._augment import (
     random_crop,
     random_flip,
 )
+from metalearn.tasks._batches import batch_sampler, sample_images
 from metalearn.tasks._episodes import (
     TaskSampler,
     TasksetArgumentError,
@@ -47,6 +48,7 @@ __all__ = (
     "augment_images",
     "augmentation",
     "augmented",
+    "batch_sampler",
     "chain",
     "check_taskset_args",
     "color_jitter",
@@ -60,6 +62,7 @@ __all__ = (
     "register_dataset",
     "sample_batch",
     "sample_episode",
+    "sample_images",
     "sample_sinusoid",
     "sinusoid_sampler",
     "validate_episode_request",

@@ -45,6 +45,8 @@ SINUSOID = ("experiment=sinusoid_maml", "debug=smoke")
          "model.num_outputs=5 does not match task.num_ways=20"),
         (("task.train_num_ways=20",),
          "task.train_num_ways=20 differs from task.num_ways=5"),
+        (("experiment=omniglot_5w1s_incontext", "task.train_num_ways=20"),
+         "task.train_num_ways=20 exceeds learner.max_ways=5"),
         (("learner=mlti_maml", "model.num_outputs=10"),
          "model.num_outputs=10 does not match task.num_ways=5: the head of "
          "learner mlti needs one output per way"),

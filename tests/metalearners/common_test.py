@@ -166,6 +166,27 @@ LEARNERS_UNDER_TEST: tuple[LearnerCase, ...] = (
     LearnerCase(
         "r2d2_running", lambda: metalearners.r2d2(_running(None)), "omniglot"
     ),
+    # A one-layer transformer over the support tokens (one label slot per
+    # way: absent slots' -inf logits are tested in test_incontext.py).
+    LearnerCase(
+        "incontext_running",
+        lambda: metalearners.in_context(
+            _running(None), max_ways=NUM_WAYS, dim=16, depth=1,
+            num_heads=2),
+        "omniglot",
+    ),
+    # Supervised pretraining on the 6 classes of the pool, then a head
+    # fitted per task (two SGD / L-BFGS steps at this size).
+    LearnerCase(
+        "baseline_running",
+        lambda: metalearners.baseline(_running(None), 6, finetune_steps=2),
+        "omniglot",
+    ),
+    LearnerCase(
+        "rfs_running",
+        lambda: metalearners.rfs(_running(None), 6, finetune_steps=2),
+        "omniglot",
+    ),
 )
 
 # Learners checked for the independence of a query's outputs only (one
@@ -220,6 +241,19 @@ INDEPENDENCE_ONLY: tuple[LearnerCase, ...] = (
                                            cg_steps=2), "omniglot"),
     LearnerCase("r2d2_support",
                 lambda: metalearners.r2d2(_conv(None, norm="support")),
+                "omniglot"),
+    LearnerCase("incontext_support",
+                lambda: metalearners.in_context(
+                    _conv(None, norm="support"), max_ways=NUM_WAYS,
+                    dim=16, depth=1, num_heads=2),
+                "omniglot"),
+    LearnerCase("baseline_pp_running",
+                lambda: metalearners.baseline_pp(_running(None), 6,
+                                                 finetune_steps=2),
+                "omniglot"),
+    LearnerCase("baseline_no_norm",
+                lambda: metalearners.baseline(_conv(None, norm="none"), 6,
+                                              finetune_steps=2),
                 "omniglot"),
 )
 

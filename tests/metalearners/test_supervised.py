@@ -1,0 +1,270 @@
+"""Tests for the supervised pretraining baselines (Baseline, Baseline++, RFS).
+
+References are written independently: the cross-entropy of a global head
+by hand, PyTorch-style SGD and logistic regression by float64 NumPy
+gradient descent.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from metalearn import metalearners, models, tasks, training
+from metalearn.metalearners import WithModelState
+from metalearn.types import ClassPool
+
+
+def _pool(num_classes=6, per_class=5, size=16, seed=0):
+  images = np.random.default_rng(seed).integers(
+      0, 256, (num_classes, per_class, size, size, 1), dtype=np.uint8)
+  return ClassPool(jnp.asarray(images),
+                   jnp.arange(num_classes, dtype=jnp.int32))
+
+
+def _episode(pool, ways=3, shots=1, queries=2, seed=1):
+  sampler = tasks.episode_sampler(pool, num_ways=ways, num_shots=shots,
+                                  num_queries=queries)
+  return sampler.sample(jax.random.key(seed), pool)
+
+
+def _log_softmax_ce(logits, labels):
+  logits = logits - logits.max(-1, keepdims=True)
+  logp = logits - jnp.log(jnp.exp(logits).sum(-1, keepdims=True))
+  return -jnp.mean(logp[jnp.arange(labels.shape[0]), labels])
+
+
+@pytest.mark.parametrize("head", ["linear", "cosine"])
+def test_meta_grad_is_the_global_heads_cross_entropy_gradient(head):
+  embed = models.conv4(None, features=8, norm="none")
+  learner = metalearners.supervised(embed, 6, train_head=head)
+  pool = _pool()
+  batch = tasks.batch_sampler(pool, 10).sample(jax.random.key(0), pool)
+  # Give the batch a query set too: both are labelled images of the task.
+  episode = batch._replace(query_x=batch.support_x[:3] * 0.5,
+                           query_y=jnp.array([5, 0, 2], jnp.int32))
+  params = learner.init(jax.random.key(1), episode)
+  assert params.head.weights.shape == (8, 6)
+  x = jnp.concatenate([episode.support_x, episode.query_x])
+  y = jnp.concatenate([episode.support_y, episode.query_y])
+
+  def reference(params):
+    z = embed.apply(params.embed, x)
+    w = params.head.weights
+    if head == "cosine":
+      zn = z / (jnp.sqrt(jnp.sum(z * z, -1, keepdims=True)) + 1e-5)
+      wn = w / (jnp.sqrt(jnp.sum(w * w, 0, keepdims=True)) + 1e-5)
+      logits = 10.0 * zn @ wn
+    else:
+      logits = z @ w + params.head.bias
+    return _log_softmax_ce(logits, y)
+
+  grads, metrics = jax.jit(learner.meta_grad)(params, episode,
+                                              jax.random.key(2))
+  chex.assert_trees_all_close(grads, jax.jit(jax.grad(reference))(params),
+                              rtol=2e-4, atol=1e-6)
+  np.testing.assert_allclose(metrics["outer/loss"], reference(params),
+                             rtol=1e-5)
+  assert set(metrics) == {"outer/loss", "outer/accuracy"}
+
+
+def test_running_statistics_are_carried_from_the_batch():
+  embed = models.conv4(None, features=8, norm="running")
+  learner = metalearners.baseline(embed, 6)
+  pool = _pool()
+  batch = tasks.batch_sampler(pool, 8).sample(jax.random.key(0), pool)
+  params = learner.init(jax.random.key(1), batch)
+  assert isinstance(params, WithModelState)
+  grads, _ = jax.jit(learner.meta_grad)(params, batch, jax.random.key(2))
+  _, expected = embed.apply_with_state(params.params.embed,
+                                       params.model_state,
+                                       batch.support_x, True)
+  chex.assert_trees_all_close(grads.model_state, expected)
+
+
+def _clusters(num_slots=5, shots=2, d=16, seed=0):
+  """Linearly separable features: class k around 3 e_k."""
+  rng = np.random.default_rng(seed)
+  labels = np.repeat(np.arange(num_slots), shots).astype(np.int32)
+  z = 3.0 * np.eye(d)[labels] + 0.3 * rng.normal(size=(labels.size, d))
+  return z.astype(np.float32), labels
+
+
+def _torch_sgd_reference(z, y, slots, steps, lr=0.01, momentum=0.9,
+                         dampening=0.9, wd=1e-3):
+  """A linear head by full-batch SGD in float64 NumPy, written out: the
+  gradient plus weight decay, a dampened momentum buffer from zero."""
+  z = z.astype(np.float64)
+  w, b = np.zeros((z.shape[1], slots)), np.zeros(slots)
+  bw, bb = np.zeros_like(w), np.zeros_like(b)
+  onehot = np.eye(slots)[y]
+  for _ in range(steps):
+    logits = z @ w + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    gw = z.T @ (p - onehot) / len(y) + wd * w
+    gb = (p - onehot).mean(0) + wd * b
+    bw = momentum * bw + (1 - dampening) * gw
+    bb = momentum * bb + (1 - dampening) * gb
+    w, b = w - lr * bw, b - lr * bb
+  return w, b
+
+
+def test_baseline_head_separates_and_matches_a_reference_fit():
+  z, y = _clusters()
+  fit = jax.jit(functools.partial(metalearners.finetune_head, num_slots=10,
+                                  steps=100))(z, y)
+  # 5 of the 10 slots are labelled; the others are masked.
+  np.testing.assert_array_equal(fit.present, np.arange(10) < 5)
+  logits = z @ fit.head.weights + fit.head.bias
+  logits = np.where(fit.present, logits, -np.inf)
+  np.testing.assert_array_equal(logits.argmax(-1), y)
+  w, b = _torch_sgd_reference(z, y, 5, 100)
+  np.testing.assert_allclose(fit.head.weights[:, :5], w, atol=1e-5)
+  np.testing.assert_allclose(fit.head.bias[:5], b, atol=1e-5)
+  np.testing.assert_array_equal(fit.head.weights[:, 5:], 0.0)
+
+
+def test_cosine_head_separates_the_support_set():
+  z, y = _clusters()
+  z = z - 1.0  # not centred on the origin: the cosine must still separate
+  fit = metalearners.finetune_head(z, y, 5, kind="cosine", scale=2.0,
+                                   steps=100)
+  logits = metalearners._supervised.head_logits(fit.head, z, "cosine", 2.0)
+  np.testing.assert_array_equal(np.asarray(logits).argmax(-1), y)
+
+
+def _logistic_reference(z, y, slots, c, steps=20000, lr=1.0):
+  """Minimises mean CE + |W|^2 / (2 c n) (sklearn's objective over C n,
+  intercept unpenalised) by float64 gradient descent."""
+  z = z.astype(np.float64)
+  n = len(y)
+  w, b = np.zeros((z.shape[1], slots)), np.zeros(slots)
+  onehot = np.eye(slots)[y]
+  for _ in range(steps):
+    logits = z @ w + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    w -= lr * (z.T @ (p - onehot) / n + w / (c * n))
+    b -= lr * (p - onehot).mean(0)
+  return w, b
+
+
+def _softmax(logits):
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  return p / p.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("c", [1.0, 10.0])
+def test_rfs_logistic_regression_matches_a_reference_solution(c):
+  rng = np.random.default_rng(3)
+  z = rng.normal(size=(8, 6)).astype(np.float32)
+  z /= np.linalg.norm(z, axis=1, keepdims=True)
+  y = np.array([0, 1, 2, 3, 0, 1, 2, 3], np.int32)
+  fit = jax.jit(functools.partial(metalearners.logistic_regression,
+                                  num_slots=8, c=c, steps=100))(z, y)
+  w, b = _logistic_reference(z, y, 4, c)
+  assert not np.asarray(fit.present)[4:].any()
+  np.testing.assert_allclose(fit.head.weights[:, :4], w, atol=2e-4)
+  queries = rng.normal(size=(20, 6))
+  got = _softmax(queries @ fit.head.weights[:, :4] + fit.head.bias[:4])
+  np.testing.assert_allclose(got, _softmax(queries @ w + b), atol=2e-4)
+
+
+def test_adapt_is_deterministic_vmappable_and_masks_absent_slots():
+  """RFS's L-BFGS fit (the one with data-dependent loops) under vmap is
+  the per-task fit; absent slots get -inf logits."""
+  pool = _pool()
+  learner = metalearners.rfs(models.conv4(None, features=8, norm="running"),
+                             6, finetune_steps=10)
+  sampler = tasks.episode_sampler(pool, num_ways=3, num_shots=2,
+                                  num_queries=1)
+  eps = tasks.sample_batch(sampler, jax.random.key(0), 2)
+  params = learner.init(jax.random.key(1), _episode(pool))
+
+  def run(ep, key):
+    head = learner.adapt(params, ep, key, training=False)
+    return head, learner.predict(params, head, ep.query_x)
+
+  keys = jax.random.split(jax.random.key(2), 2)
+  heads, logits = jax.jit(jax.vmap(run))(eps, keys)
+  first = jax.jit(run)(jax.tree.map(lambda x: x[0], eps), keys[1])
+  chex.assert_trees_all_close(
+      jax.tree.map(lambda x: x[0], (heads, logits)), first, atol=1e-5)
+  # Six support slots for 3 ways: three are absent.
+  assert logits.shape == (2, 3, 6)
+  assert np.asarray(heads.present).sum(-1).tolist() == [3, 3]
+  assert np.all(np.isneginf(np.asarray(logits)[:, :, 3:]))
+  assert np.all(np.isfinite(np.asarray(logits)[:, :, :3]))
+
+
+def test_train_sampler_checks_num_classes_and_draws_global_batches():
+  pool = _pool()
+  sampler = tasks.episode_sampler(pool, num_ways=3, num_shots=1,
+                                  num_queries=2)
+  small = metalearners.baseline(models.conv4(None, norm="none"), 5)
+  with pytest.raises(ValueError, match=r"learner.num_classes=5 .* 6 classes"):
+    small.train_sampler(sampler)
+  learner = metalearners.rfs(models.conv4(None, norm="none"), 6,
+                             batch_size=12)
+  batches = learner.train_sampler(sampler)
+  batch = batches.sample(jax.random.key(0), batches.data)
+  assert batch.support_y.shape == (12,)
+  assert batch.query_x.shape[0] == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_classes": 0}, "num_classes"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"train_head": "logistic"}, "train_head"),
+    ({"test_head": "svm"}, "test_head"),
+    ({"finetune_steps": 0}, "finetune_steps"),
+    ({"c": 0.0}, "c must be"),
+    ({"dampening": 1.0}, "dampening"),
+])
+def test_bad_arguments_are_rejected(kwargs, match):
+  args = {"num_classes": 6, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    metalearners.supervised(models.conv4(None, norm="none"), **args)
+
+
+@pytest.mark.parametrize("norm", ["transductive", "support"])
+def test_unsupported_norms_are_rejected(norm):
+  with pytest.raises(ValueError, match="norm='running' or norm='none'"):
+    metalearners.baseline(models.conv4(None, norm=norm), 6)
+
+
+def test_pretraining_on_omniglot_improves_few_shot_accuracy(omniglot):
+  """40 steps of pretraining on 30 training classes beat the untrained
+  backbone on 5-way 1-shot episodes of validation classes."""
+  train = ClassPool(omniglot.train.images[:30], omniglot.train.class_ids[:30])
+  val = ClassPool(omniglot.val.images[:40], omniglot.val.class_ids[:40])
+  episodes = tasks.sample_batch(
+      tasks.episode_sampler(val, num_ways=5, num_shots=1, num_queries=5),
+      jax.random.key(9), 100)
+  learner = metalearners.baseline(
+      models.conv4(None, features=8, norm="running"), 30, batch_size=32,
+      finetune_steps=20, finetune_lr=0.1, dampening=0.0)
+  sampler = learner.train_sampler(
+      tasks.episode_sampler(train, num_ways=5, num_shots=1, num_queries=1))
+  tx = optax.adam(3e-3)
+  state = training.init_state(learner, tx, sampler, jax.random.key(0))
+  step = training.make_meta_step(learner, tx, sampler, meta_batch_size=1)
+
+  @jax.jit
+  def accuracy(meta_params):
+    def one(episode):
+      head = learner.adapt(meta_params, episode, None, training=False)
+      return learner.evaluate(meta_params, head, episode)[1][
+          "outer/accuracy"]
+    return jax.vmap(one)(episodes).mean()
+
+  before = float(accuracy(state.meta_params))
+  for t in range(40):
+    state, _ = step(state, sampler.data, jax.random.key(t))
+  after = float(accuracy(state.meta_params))
+  assert after > before + 0.08, (before, after)
