@@ -22,8 +22,14 @@ from metalearn import experiment
 CLASSES = {"train": 16, "val": 5, "test": 5}
 PER_CLASS = 20
 SIZE = 16
-# The learners added since the first paper rows, by experiment-file suffix.
-LEARNERS = ("r2d2",)
+# The learners added since the first paper rows, by experiment-file suffix,
+# with the override that narrows each file's network.
+LEARNERS = {
+    "r2d2": "model.features=8",
+    "baseline": "model.features=8",
+    "baseline-pp": "model.features=8",
+    "rfs": "model.widths=[8,8,8,8]",
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +54,7 @@ def mini_dir(tmp_path_factory):
 
 # The 5-shot file of each (the 1-shot one differs in the shot count only,
 # and test_experiment_configs builds both).
-@pytest.mark.parametrize("learner", LEARNERS)
+@pytest.mark.parametrize("learner", sorted(LEARNERS))
 def test_experiment_runs_on_generated_mini_imagenet(
     compose_train, tmp_path, mini_dir, learner
 ):
@@ -56,7 +62,7 @@ def test_experiment_runs_on_generated_mini_imagenet(
   name = f"mini_imagenet_5w{shots}s_{learner}"
   cfg = compose_train(
       f"experiment={name}", "debug=smoke", f"data_dir={mini_dir}",
-      f"task.image_size={SIZE}", "model.features=8",
+      f"task.image_size={SIZE}", LEARNERS[learner],
       "trainer.val_episodes=2",
   )
   results = experiment.run_experiment(cfg, tmp_path)
