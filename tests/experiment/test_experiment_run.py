@@ -18,7 +18,12 @@ import pytest
 
 from metalearn import data, experiment, metalearners, models, tasks, training
 
-LEARNERS = ("maml", "fomaml", "anil", "metasgd", "reptile", "protonet")
+# (R2-D2 and the supervised learners run end to end in
+# test_mini_imagenet_runs.py.)
+LEARNERS = ("maml", "fomaml", "anil", "metasgd", "reptile", "protonet",
+            "imaml", "incontext")
+# Experiment-file suffix -> the learner factory's name, where they differ.
+FACTORIES = {"fomaml": "maml", "incontext": "in_context"}
 # Sinusoid MAML, logged and checkpointed every step: the cheapest real run.
 SINUSOID = (
     "experiment=sinusoid_maml", "logger=none", "trainer.meta_batch_size=4",
@@ -58,8 +63,7 @@ def test_smoke_run_of_every_learner(compose_train, tmp_path, learner):
   assert json.loads((tmp_path / "results.json").read_text()) == results
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["learner"]["_target_"].endswith(
-      "maml" if learner == "fomaml" else learner
-  )
+      FACTORIES.get(learner, learner))
   assert _finished_steps(tmp_path / "checkpoints") == [1, 2]
 
 
