@@ -111,7 +111,7 @@ def lstm_optimizer(
     >>> state = tx.init(params)
     >>> state.hidden.shape
     (2, 6, 20)
-    >>> updates, state = tx.update(params, state, params)
+    >>> updates, state = jax.jit(tx.update)(params, state, params)
     >>> updates["w"].shape
     (3, 2)
 

@@ -111,7 +111,7 @@ def mlp_optimizer(
     >>> state = tx.init(params)
     >>> state.mu.shape
     (4, 6)
-    >>> updates, state = tx.update(params, state, params)
+    >>> updates, state = jax.jit(tx.update)(params, state, params)
     >>> updates["w"].shape, int(state.count)
     ((3, 2), 1)
 

@@ -320,11 +320,12 @@ def in_context(
     >>> ep = s.sample(jax.random.key(0), pool)
     >>> learner = in_context(models.conv4(None, norm="running"),
     ...                      max_ways=5, dim=32, depth=1)
-    >>> params = learner.init(jax.random.key(1), ep)
-    >>> cache = learner.adapt(params, ep, None, training=False)
+    >>> params = jax.jit(learner.init)(jax.random.key(1), ep)
+    >>> adapt = jax.jit(learner.adapt, static_argnames="training")
+    >>> cache = adapt(params, ep, None, training=False)
     >>> cache.keys[0].shape  # 3 support tokens, 4 heads of 8
     (3, 4, 8)
-    >>> learner.predict(params, cache, ep.query_x).shape
+    >>> jax.jit(learner.predict)(params, cache, ep.query_x).shape
     (6, 5)
 
   References:

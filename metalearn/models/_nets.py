@@ -162,7 +162,8 @@ def conv4(
     >>> import jax, jax.numpy as jnp
     >>> m = conv4(5, downsample="stride")
     >>> x = jnp.zeros((10, 28, 28, 1))
-    >>> m.apply(m.init(jax.random.key(0), x), x).shape
+    >>> params = jax.jit(m.init)(jax.random.key(0), x)
+    >>> jax.jit(m.apply)(params, x).shape
     (10, 5)
 
   References:
