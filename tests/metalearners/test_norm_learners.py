@@ -81,19 +81,21 @@ def test_support_norm_learners_carry_nothing_and_train_as_they_test(name):
     learner = SUPPORT_LEARNERS[name](model)
   ep = _episode()
   key = jax.random.key(3)
-  params = learner.init(jax.random.key(1), ep)
+  params = jax.jit(learner.init)(jax.random.key(1), ep)
   assert not isinstance(params, metalearners.WithModelState)
   assert learner.carried is None
   assert not learner.transductive
-  task_params = learner.adapt(params, ep, key, training=False)
+  adapt = jax.jit(learner.adapt, static_argnames="training")
+  task_params = adapt(params, ep, key, training=False)
   assert isinstance(task_params, metalearners.WithModelState)
-  test_loss, _ = learner.evaluate(params, task_params, ep)
-  _, metrics = learner.meta_grad(params, ep, key)
+  test_loss, _ = jax.jit(learner.evaluate)(params, task_params, ep)
+  _, metrics = jax.jit(learner.meta_grad)(params, ep, key)
   if name != "reptile":  # Reptile's meta-test adaptation has its own steps.
     np.testing.assert_allclose(metrics["outer/loss"], test_loss, rtol=2e-5)
   # A query's outputs do not depend on the other queries.
-  full = learner.predict(params, task_params, ep.query_x)
-  alone = learner.predict(params, task_params, ep.query_x[:1])
+  predict = jax.jit(learner.predict)
+  full = predict(params, task_params, ep.query_x)
+  alone = predict(params, task_params, ep.query_x[:1])
   np.testing.assert_array_equal(full[:1], alone)
 
 
@@ -104,15 +106,15 @@ def test_support_norm_meta_gradient_flows_through_the_statistics():
   model = models.conv4(3, features=4, norm="support")
   ep = _episode()
   learner = metalearners.maml(model, 0.4, 1)
-  params = learner.init(jax.random.key(1), ep)
-  grads, _ = learner.meta_grad(params, ep, jax.random.key(2))
+  params = jax.jit(learner.init)(jax.random.key(1), ep)
+  grads, _ = jax.jit(learner.meta_grad)(params, ep, jax.random.key(2))
 
   def held(params):
     task = learner.adapt(params, ep, jax.random.key(2))
     task = task._replace(model_state=jax.lax.stop_gradient(task.model_state))
     return learner.evaluate(params, task, ep)[0]
 
-  constant = jax.grad(held)(params)
+  constant = jax.jit(jax.grad(held))(params)
   diff = max(jax.tree.leaves(jax.tree.map(
       lambda a, b: float(np.abs(a - b).max()), grads, constant)))
   assert diff > 1e-6
