@@ -224,6 +224,52 @@ def with_model_state(carried=None):
   return mark
 
 
+def split_model_state(meta_params, stateful: bool):
+  """``(params, model_state)`` of meta-parameters that are
+  :class:`WithModelState` when ``stateful``, else ``(meta_params, None)``."""
+  if stateful:
+    return meta_params.params, meta_params.model_state
+  return meta_params, None
+
+
+def embed_episode(embed: Model, params, state, episode: Episode,
+                  training: bool):
+  """Support and query embeddings of an embedding learner, and the state.
+
+  The one place the embedding learners (ProtoNet, R2-D2, the in-context
+  learner) apply the model's normalisation mode: with the support set's
+  statistics (``norm="support"``); with the carried running statistics
+  alone at meta-test (``norm="running"``, ``training=False``); otherwise
+  from one batch of support and query inputs, whose statistics are the
+  batch's (training, or a transductive test), moving the running state.
+
+  Args:
+    embed: the embedding network.
+    params: its parameters.
+    state: its state (running statistics), or ``None``.
+    episode: the episode; inputs may be pytrees (MLTI's ``MixedInputs``):
+      rows are joined, a task's scalars are the support's.
+    training: meta-training (``True``) or meta-test.
+
+  Returns:
+    ``(support embeddings, query embeddings, state)``: the support
+    statistics for ``norm="support"``, else the (new) running state.
+  """
+  n = jax.tree.leaves(episode.support_x)[0].shape[0]
+  if models.uses_support_statistics(embed):
+    zs, stats = models.support_forward(embed, params, episode.support_x)
+    return zs, models.bind(embed, stats).apply(params, episode.query_x), stats
+  if models.has_state(embed) and not training:
+    run = models.bind(embed, state)
+    return (run.apply(params, episode.support_x),
+            run.apply(params, episode.query_x), state)
+  x = jax.tree.map(
+      lambda s, q: jnp.concatenate([s, q]) if jnp.ndim(s) else s,
+      episode.support_x, episode.query_x)
+  z, state = models.forward(embed, params, state, x, training=True)
+  return z[:n], z[n:], state
+
+
 class AdaptedModel(NamedTuple):
   """How an adapting learner turns adapted weights into task parameters
   and predictions, whatever the model's normalisation.

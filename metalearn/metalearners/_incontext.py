@@ -6,15 +6,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from metalearn import models
 from metalearn.metalearners._base import (
     MetaLearner,
     WithModelState,
     make_learner,
+    split_model_state,
+    task_loss,
     with_model_state,
 )
+from metalearn.metalearners._base import embed_episode as _embed_episode
 from metalearn.models import Model
 from metalearn.types import Episode
 
@@ -347,9 +349,7 @@ def in_context(
   stateful = models.has_state(encoder) and not support
 
   def split(meta_params):
-    if stateful:
-      return meta_params.params, meta_params.model_state
-    return meta_params, None
+    return split_model_state(meta_params, stateful)
 
   def init(key, episode: Episode):
     embed_key, net_key = jax.random.split(key)
@@ -375,27 +375,9 @@ def in_context(
     return jnp.where(cache.present[None, :], logits, -jnp.inf)
 
   def embed_episode(params, state, episode: Episode, training: bool):
-    """Support and query embeddings, from one batch when the statistics
-    are the batch's (training, or transductive test), and the new
-    state."""
-    n = episode.support_x.shape[0]
-    if support:
-      zs, stats = models.support_forward(encoder, params, episode.support_x)
-      return (zs, models.bind(encoder, stats).apply(params, episode.query_x),
-              stats)
-    if stateful and not training:
-      run = models.bind(encoder, state)
-      return (run.apply(params, episode.support_x),
-              run.apply(params, episode.query_x), state)
-    x = jnp.concatenate([episode.support_x, episode.query_x])
-    z, state = models.forward(encoder, params, state, x, training=True)
-    return z[:n], z[n:], state
+    return _embed_episode(encoder, params, state, episode, training)
 
-  def score(logits, labels):
-    loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits, labels).mean()
-    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return loss, {"outer/loss": loss, "outer/accuracy": acc}
+  score = task_loss
 
   def adapt(meta_params, episode: Episode, key, training: bool = True):
     del key, training  # one forward pass: the same in training and test

@@ -2,15 +2,17 @@
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from metalearn import models
 from metalearn.metalearners._base import (
     MetaLearner,
     WithModelState,
     make_learner,
+    split_model_state,
+    task_loss,
     with_model_state,
 )
+from metalearn.metalearners._base import embed_episode as _embed_episode
 from metalearn.models import Model
 from metalearn.types import Episode
 
@@ -108,9 +110,7 @@ def protonet(embed: Model) -> MetaLearner:
   stateful = models.has_state(embed) and not support
 
   def split(meta_params):
-    if stateful:
-      return meta_params.params, meta_params.model_state
-    return meta_params, None
+    return split_model_state(meta_params, stateful)
 
   def init(key, episode: Episode):
     params = embed.init(key, episode.support_x)
@@ -119,23 +119,7 @@ def protonet(embed: Model) -> MetaLearner:
     return WithModelState(params, embed.init_state(key, episode.support_x))
 
   def embed_episode(params, state, episode: Episode, training: bool):
-    """Support and query embeddings, from one batch when the statistics
-    are the batch's (training, or transductive test)."""
-    n = jax.tree.leaves(episode.support_x)[0].shape[0]
-    if support:
-      zs, stats = models.support_forward(embed, params, episode.support_x)
-      return zs, models.bind(embed, stats).apply(params, episode.query_x), stats
-    if stateful and not training:
-      run = models.bind(embed, state)
-      return (run.apply(params, episode.support_x),
-              run.apply(params, episode.query_x), state)
-    # Inputs may be pytrees (MLTI's MixedInputs): rows are joined, a task's
-    # scalars (its mixing weight and layer) are the support's.
-    x = jax.tree.map(
-        lambda s, q: jnp.concatenate([s, q]) if jnp.ndim(s) else s,
-        episode.support_x, episode.query_x)
-    z, state = models.forward(embed, params, state, x, training=True)
-    return z[:n], z[n:], state
+    return _embed_episode(embed, params, state, episode, training)
 
   def classify(task_params, z):
     protos, present = task_params
@@ -143,11 +127,7 @@ def protonet(embed: Model) -> MetaLearner:
     return jnp.where(present[None, :], logits, -jnp.inf)
 
   def score(task_params, z, labels):
-    logits = classify(task_params, z)
-    loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits, labels).mean()
-    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return loss, {"outer/loss": loss, "outer/accuracy": acc}
+    return task_loss(classify(task_params, z), labels)
 
   def adapt(meta_params, episode: Episode, key, training: bool = True):
     del key, training
