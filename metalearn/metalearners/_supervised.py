@@ -11,6 +11,7 @@ from metalearn.metalearners._base import (
     MetaLearner,
     WithModelState,
     make_learner,
+    split_model_state,
     task_loss,
     with_model_state,
 )
@@ -322,9 +323,7 @@ def supervised(
   test_kind = "cosine" if test_head == "cosine" else "linear"
 
   def split(meta_params):
-    if stateful:
-      return meta_params.params, meta_params.model_state
-    return meta_params, None
+    return split_model_state(meta_params, stateful)
 
   def init(key, episode: Episode):
     embed_key, head_key = jax.random.split(key)
