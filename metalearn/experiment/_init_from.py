@@ -150,6 +150,9 @@ def load_network(
       there, or if none of its leaves fits this run's network.
   """
   directory = checkpoint_dir(path)
+  if not directory.is_dir():
+    raise ConfigError(f"trainer.init_from={path}: no such directory "
+                      f"({directory.resolve()})")
   try:
     step, tree = _checkpoint.load_checkpoint(directory)
   except FileNotFoundError as e:

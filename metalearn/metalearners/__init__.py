@@ -37,6 +37,9 @@ from metalearn.metalearners._mixing import (
 )
 from metalearn.metalearners._mlti import EpisodePair, mlti, paired_sampler
 from metalearn.metalearners._protonet import (
+    ScaledParams,
+    cosine_similarities,
+    meta_baseline,
     protonet,
     prototypes,
     squared_distances,
@@ -75,6 +78,7 @@ __all__ = (
     "MixedLabels",
     "R2D2Params",
     "ReptileParams",
+    "ScaledParams",
     "RidgeHead",
     "SupervisedParams",
     "WithModelState",
@@ -83,6 +87,7 @@ __all__ = (
     "baseline",
     "baseline_pp",
     "conjugate_gradient",
+    "cosine_similarities",
     "cutmix",
     "default_meta_grad",
     "feature_mixing",
@@ -96,6 +101,7 @@ __all__ = (
     "logistic_regression",
     "make_learner",
     "maml",
+    "meta_baseline",
     "metasgd",
     "mlti",
     "paired_sampler",

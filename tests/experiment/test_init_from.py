@@ -108,12 +108,44 @@ def test_a_network_of_another_width_fails_in_one_line(compose_train,
     experiment.run_experiment(cfg, tmp_path)
 
 
-def test_a_directory_without_checkpoints_fails_in_one_line(compose_train,
-                                                           tmp_path):
+@pytest.mark.parametrize("make,match", [(False, "no such directory"),
+                                        (True, "no checkpoint")])
+def test_a_directory_without_checkpoints_fails_in_one_line(
+    compose_train, tmp_path, make, match):
+  if make:
+    (tmp_path / "nothing").mkdir()
   cfg = compose_train("experiment=sinusoid_maml", *FAST,
                       f"trainer.init_from={tmp_path / 'nothing'}")
-  with pytest.raises(ConfigError, match="trainer.init_from=.*no checkpoint"):
+  with pytest.raises(ConfigError, match=f"trainer.init_from=.*{match}"):
     experiment.run_experiment(cfg, tmp_path / "run")
+
+
+def test_meta_baseline_meta_trains_a_pretrained_baseline(
+    compose_train, tmp_path, caplog):
+  """The two stages of Chen et al. (2021) on real Omniglot, at smoke size:
+  a Baseline pretraining run, then Meta-Baseline from its network."""
+  small = ("debug=smoke", "model.features=8")
+  pretrained = tmp_path / "baseline"
+  experiment.run_experiment(
+      compose_train("experiment=omniglot_5w1s_baseline", *small,
+                    "trainer.test_episodes=0"), pretrained)
+  # Without the pretraining run the experiment file says what it needs.
+  with pytest.raises(ConfigError, match="init_from=<required: a run "
+                     "directory of experiment=omniglot_5w1s_baseline>"):
+    experiment.run_experiment(
+        compose_train("experiment=omniglot_5w1s_meta-baseline", *small),
+        tmp_path / "missing")
+  cfg = compose_train("experiment=omniglot_5w1s_meta-baseline", *small,
+                      f"trainer.init_from={pretrained}")
+  with caplog.at_level(logging.INFO, logger="metalearn.experiment"):
+    results = experiment.run_experiment(cfg, tmp_path / "meta")
+  # The 4 blocks' conv, batch-norm parameters and running statistics (the
+  # baseline's global head has no counterpart), tau kept at 10.
+  assert "loaded 24 network leaves of checkpoint 2" in caplog.text
+  assert results["steps"] == 2
+  _, saved = experiment.load_checkpoint(tmp_path / "meta" / "checkpoints")
+  scale = saved["meta_params"]["params"]["scale"]
+  assert 9.0 < float(scale) < 11.0 and float(scale) != 10.0
 
 
 def test_init_from_must_be_a_path(compose_train):

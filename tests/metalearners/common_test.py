@@ -182,6 +182,11 @@ LEARNERS_UNDER_TEST: tuple[LearnerCase, ...] = (
         lambda: metalearners.baseline(_running(None), 6, finetune_steps=2),
         "omniglot",
     ),
+    # Cosine prototypes with a learned temperature (ProtoNet's variant).
+    LearnerCase(
+        "meta_baseline_running",
+        lambda: metalearners.meta_baseline(_running(None)), "omniglot",
+    ),
     LearnerCase(
         "rfs_running",
         lambda: metalearners.rfs(_running(None), 6, finetune_steps=2),
@@ -266,7 +271,7 @@ _CASES = [pytest.param(c, id=c.name) for c in LEARNERS_UNDER_TEST]
 _VARIANTS = frozenset({
     "maml_sinusoid", "mlti_maml_sinusoid", "reptile_running",
     "protonet_running", "meta_lstm_running", "maml_support",
-    "protonet_support",
+    "protonet_support", "meta_baseline_running",
 })
 _MAP_CASES = [pytest.param(c, id=c.name) for c in LEARNERS_UNDER_TEST
               if c.name not in _VARIANTS]
