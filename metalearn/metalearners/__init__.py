@@ -7,6 +7,7 @@ from metalearn.metalearners._base import (
     WithModelState,
     adaptation_learner,
     default_meta_grad,
+    embedding_learner,
     make_learner,
     task_loss,
 )
@@ -29,6 +30,11 @@ from metalearn.metalearners._inner import (
     scale_by_rates,
 )
 from metalearn.metalearners._maml import MetaSGDParams, anil, maml, metasgd
+from metalearn.metalearners._metaoptnet import (
+    SVMHead,
+    crammer_singer_dual,
+    metaoptnet,
+)
 from metalearn.metalearners._mixing import (
     MixedInputs,
     cutmix,
@@ -80,6 +86,7 @@ __all__ = (
     "ReptileParams",
     "ScaledParams",
     "RidgeHead",
+    "SVMHead",
     "SupervisedParams",
     "WithModelState",
     "adaptation_learner",
@@ -88,8 +95,10 @@ __all__ = (
     "baseline_pp",
     "conjugate_gradient",
     "cosine_similarities",
+    "crammer_singer_dual",
     "cutmix",
     "default_meta_grad",
+    "embedding_learner",
     "feature_mixing",
     "finetune_head",
     "imaml",
@@ -102,6 +111,7 @@ __all__ = (
     "make_learner",
     "maml",
     "meta_baseline",
+    "metaoptnet",
     "metasgd",
     "mlti",
     "paired_sampler",

@@ -270,6 +270,120 @@ def embed_episode(embed: Model, params, state, episode: Episode,
   return z[:n], z[n:], state
 
 
+def embedding_learner(
+    embed: Model,
+    fit: Callable[[PyTree, jax.Array, jax.Array], PyTree],
+    classify: Callable[[PyTree, PyTree, jax.Array], jax.Array],
+    wrap: Callable[[PyTree], PyTree] | None = None,
+    network: Callable[[PyTree], PyTree] | None = None,
+) -> MetaLearner:
+  """A learner that fits a head on the support embeddings and scores the
+  queries with it.
+
+  The shared shape of ProtoNet and Meta-Baseline (class means), R2-D2
+  (ridge regression) and MetaOptNet (a multi-class SVM): ``adapt`` embeds
+  the support set and fits the head; the query logits are the head's on
+  the query embeddings; the meta-gradient flows through the fit into the
+  embedding and the learner's own parameters. The embedding's
+  normalisation is handled once, here (:func:`embed_episode`):
+
+  - meta-training embeds the support and query sets in one batch, as
+    Snell et al.'s code does, so batch normalisation sees one set of
+    statistics per episode; with ``norm="running"`` that batch moves the
+    carried running statistics (:class:`WithModelState`, the task's new
+    value in its meta-gradient);
+  - at meta-test, ``norm="running"`` normalises every image with the
+    running statistics alone, so a query's logits depend on that query
+    and the support set only; ``norm="transductive"`` embeds the episode
+    as one batch (``transductive=True``); ``norm="none"`` does not
+    normalise;
+  - ``norm="support"`` (Bronskill et al.) normalises the support set with
+    its own statistics and every query with them, in meta-training and at
+    test, and nothing is carried; task parameters are then
+    :class:`WithModelState` ``(head, support statistics)``.
+
+  Args:
+    embed: the embedding network.
+    fit: ``fit(learned, support_z, support_y) -> head``; ``support_y``
+      are int labels in ``[0, n)`` for ``n`` support rows (its length is
+      a static bound on the number of classes).
+    classify: ``classify(learned, head, z) -> logits [m, slots]``.
+    wrap: ``wrap(network_params) -> learned``, the learner's learned
+      meta-parameters around the network's (a temperature, a regulariser);
+      default: the network's parameters alone.
+    network: ``network(learned) -> network_params``, undoing ``wrap``.
+
+  Returns:
+    The :class:`MetaLearner`; meta-parameters are ``learned``
+    (in :class:`WithModelState` with running statistics), task parameters
+    ``fit``'s heads.
+  """
+  support = models.uses_support_statistics(embed)
+  stateful = models.has_state(embed) and not support
+  if wrap is None:
+    wrap, network = (lambda p: p), (lambda p: p)
+
+  def split(meta_params):
+    return split_model_state(meta_params, stateful)
+
+  def init(key, episode: Episode):
+    learned = wrap(embed.init(key, episode.support_x))
+    if not stateful:
+      return learned
+    return WithModelState(learned, embed.init_state(key, episode.support_x))
+
+  def adapt(meta_params, episode: Episode, key, training: bool = True):
+    del key, training  # the same fit in meta-training and at test
+    learned, state = split(meta_params)
+    if support:
+      z, stats = models.support_forward(embed, network(learned),
+                                        episode.support_x)
+      return WithModelState(fit(learned, z, episode.support_y), stats)
+    z, _, _ = embed_episode(embed, network(learned), state, episode, False)
+    return fit(learned, z, episode.support_y)
+
+  def embed_with(meta_params, task_params, x):
+    """Embeddings of ``x`` at meta-test (normalised with the support
+    statistics in ``task_params`` for ``norm="support"``)."""
+    learned, state = split(meta_params)
+    if support:
+      state = task_params.model_state
+    return models.bind(embed, state).apply(network(learned), x)
+
+  def predict(meta_params, task_params, x):
+    head = task_params.params if support else task_params
+    return classify(split(meta_params)[0], head,
+                    embed_with(meta_params, task_params, x))
+
+  def evaluate(meta_params, task_params, episode: Episode):
+    if support:
+      return task_loss(predict(meta_params, task_params, episode.query_x),
+                       episode.query_y)
+    learned, state = split(meta_params)
+    _, z, _ = embed_episode(embed, network(learned), state, episode, False)
+    return task_loss(classify(learned, task_params, z), episode.query_y)
+
+  def meta_grad(meta_params, episode: Episode, key):
+    del key
+    learned, state = split(meta_params)
+
+    def loss_fn(learned):
+      zs, zq, new = embed_episode(embed, network(learned), state, episode,
+                                  True)
+      head = fit(learned, zs, episode.support_y)
+      loss, metrics = task_loss(classify(learned, head, zq), episode.query_y)
+      return loss, (metrics, new)
+
+    grads, (metrics, new) = jax.grad(loss_fn, has_aux=True)(learned)
+    if stateful:  # the carried entry is the new value (MetaLearner.carried)
+      grads = WithModelState(grads, jax.lax.stop_gradient(new))
+    return grads, metrics
+
+  return make_learner(init, adapt, evaluate, meta_grad,
+                      with_model_state() if stateful else None, predict,
+                      embed.transductive)
+
+
 class AdaptedModel(NamedTuple):
   """How an adapting learner turns adapted weights into task parameters
   and predictions, whatever the model's normalisation.

@@ -5,18 +5,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from metalearn import models
-from metalearn.metalearners._base import (
-    MetaLearner,
-    WithModelState,
-    make_learner,
-    split_model_state,
-    task_loss,
-    with_model_state,
-)
-from metalearn.metalearners._base import embed_episode as _embed_episode
+from metalearn.metalearners._base import MetaLearner, embedding_learner
 from metalearn.models import Model
-from metalearn.types import Episode
 
 PyTree = Any
 METRICS = ("euclidean", "cosine")
@@ -97,26 +87,13 @@ def protonet(
   support size.
 
   Meta-training embeds the support and query sets in one batch, as Snell
-  et al.'s code does, so batch normalisation sees one set of statistics
-  per episode. At meta-test (``adapt``, ``evaluate``, ``predict``) the
-  embedding's normalisation decides what a query's logits depend on:
-
-  - ``norm="running"`` (Snell et al.'s test): the running statistics kept
-    during meta-training (the carried :class:`WithModelState`, moved once
-    per task by the joint support-and-query batch) normalise every image
-    alone, so a query's logits depend on that query and the support set
-    only;
-  - ``norm="transductive"``: the support and query sets are embedded in
-    one batch, as in training, and each query's embedding depends on the
-    other queries of its episode (declared by ``transductive=True``);
-    ``predict`` normalises the inputs it is given as one batch;
-  - ``norm="support"`` (Bronskill et al.'s support-set moments): the
-    support set is embedded with its own batch statistics and every query
-    is normalised with them, in meta-training and at test alike, so a
-    query's logits depend on that query and the support set only, and
-    nothing is carried; task parameters are then :class:`WithModelState`
-    ``((prototypes, present), support statistics)``;
-  - ``norm="none"``: no normalisation.
+  et al.'s code does; the embedding's normalisation at meta-test
+  (``norm="running"``: Snell et al.'s test, each image normalised with the
+  running statistics; ``"transductive"``; ``"support"``: Bronskill et
+  al.'s support-set moments, task parameters then :class:`WithModelState`
+  ``((prototypes, present), support statistics)``; ``"none"``) is that of
+  every embedding learner, :func:`~metalearn.metalearners.
+  embedding_learner`.
 
   Args:
     embed: the embedding network (``conv4(None)`` in Snell et al.).
@@ -159,92 +136,26 @@ def protonet(
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
   if not scale > 0:
     raise ValueError(f"scale must be > 0, got {scale}")
-  support = models.uses_support_statistics(embed)
-  stateful = models.has_state(embed) and not support
 
-  def unpack(learned):
-    """``(network parameters, temperature)`` of the learned entries."""
-    return (learned.embed, learned.scale) if learn_scale else (learned, scale)
+  def fit(learned, z, labels):
+    del learned
+    return prototypes(z, labels, labels.shape[-1])
 
-  def split(meta_params):
-    """``(network parameters, temperature, model state)``."""
-    learned, state = split_model_state(meta_params, stateful)
-    return *unpack(learned), state
-
-  def init(key, episode: Episode):
-    params = embed.init(key, episode.support_x)
-    if learn_scale:
-      params = ScaledParams(params, jnp.float32(scale))
-    if not stateful:
-      return params
-    return WithModelState(params, embed.init_state(key, episode.support_x))
-
-  def embed_episode(params, state, episode: Episode, training: bool):
-    return _embed_episode(embed, params, state, episode, training)
-
-  def classify(task_params, z, tau):
+  def classify(learned, task_params, z):
     protos, present = task_params
+    tau = learned.scale if learn_scale else scale
     if metric == "cosine":
       logits = tau * cosine_similarities(z, protos)
     else:
       logits = -tau * squared_distances(z, protos)
     return jnp.where(present[None, :], logits, -jnp.inf)
 
-  def score(task_params, z, labels, tau):
-    return task_loss(classify(task_params, z, tau), labels)
-
-  def adapt(meta_params, episode: Episode, key, training: bool = True):
-    del key, training
-    params, _, state = split(meta_params)
-    if support:
-      z, stats = models.support_forward(embed, params, episode.support_x)
-    else:
-      z, _, _ = embed_episode(params, state, episode, False)
-    protos = prototypes(z, episode.support_y, episode.support_y.shape[-1])
-    return WithModelState(protos, stats) if support else protos
-
-  def evaluate(meta_params, task_params, episode: Episode):
-    params, tau, state = split(meta_params)
-    if support:
-      return score(task_params.params,
-                   embed_with(meta_params, task_params, episode.query_x),
-                   episode.query_y, tau)
-    _, z, _ = embed_episode(params, state, episode, False)
-    return score(task_params, z, episode.query_y, tau)
-
-  def embed_with(meta_params, task_params, x):
-    """Embeddings of ``x`` at meta-test (normalised with the support
-    statistics in ``task_params`` for ``norm="support"``)."""
-    params, _, state = split(meta_params)
-    if support:
-      state = task_params.model_state
-    return models.bind(embed, state).apply(params, x)
-
-  def predict(meta_params, task_params, x):
-    protos = task_params.params if support else task_params
-    return classify(protos, embed_with(meta_params, task_params, x),
-                    split(meta_params)[1])
-
-  def meta_grad(meta_params, episode: Episode, key):
-    del key
-    learned, state = split_model_state(meta_params, stateful)
-
-    def loss_fn(learned):
-      net, tau = unpack(learned)
-      zs, zq, new = embed_episode(net, state, episode, True)
-      task_params = prototypes(zs, episode.support_y,
-                               episode.support_y.shape[-1])
-      loss, metrics = score(task_params, zq, episode.query_y, tau)
-      return loss, (metrics, new)
-
-    grads, (metrics, new) = jax.grad(loss_fn, has_aux=True)(learned)
-    if stateful:  # the carried entry is the new value (MetaLearner.carried)
-      grads = WithModelState(grads, jax.lax.stop_gradient(new))
-    return grads, metrics
-
-  return make_learner(init, adapt, evaluate, meta_grad,
-                      with_model_state() if stateful else None, predict,
-                      embed.transductive)
+  if not learn_scale:
+    return embedding_learner(embed, fit, classify)
+  return embedding_learner(
+      embed, fit, classify,
+      wrap=lambda net: ScaledParams(net, jnp.float32(scale)),
+      network=lambda learned: learned.embed)
 
 
 def meta_baseline(embed: Model, *, scale: float = 10.0,

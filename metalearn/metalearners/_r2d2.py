@@ -5,18 +5,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from metalearn import models
-from metalearn.metalearners._base import (
-    MetaLearner,
-    WithModelState,
-    make_learner,
-    split_model_state,
-    task_loss,
-    with_model_state,
-)
-from metalearn.metalearners._base import embed_episode as _embed_episode
+from metalearn.metalearners._base import MetaLearner, embedding_learner
 from metalearn.models import Model
-from metalearn.types import Episode
 
 PyTree = Any
 
@@ -116,16 +106,11 @@ def r2d2(
   number of ways works: the number of classes is read from the labels,
   bounded by the support size, and absent classes get ``-inf`` logits.
 
-  The embedding's normalisation is handled as in
-  :func:`~metalearn.metalearners.protonet`: meta-training embeds the
-  support and query sets in one batch; at meta-test ``norm="running"``
-  (the authors' test, PyTorch's ``eval()``) normalises every image with
-  the carried running statistics, ``norm="transductive"`` embeds the
-  episode as one batch (``transductive=True``), ``norm="support"``
-  normalises the queries with the support set's statistics in training
-  and at test (task parameters are then :class:`WithModelState`
-  ``(head, support statistics)``), and ``norm="none"`` does not
-  normalise.
+  The embedding's normalisation (``norm="running"``, the authors' test;
+  ``"transductive"``; ``"support"``, task parameters then
+  :class:`WithModelState` ``(head, support statistics)``; ``"none"``) is
+  that of every embedding learner, :func:`~metalearn.metalearners.
+  embedding_learner`.
 
   Args:
     embed: the embedding network (``conv4(None)``; the paper's is a wider
@@ -168,22 +153,14 @@ def r2d2(
   """
   _positive(lam, "lam")
   _positive(scale, "scale")
-  support = models.uses_support_statistics(embed)
-  stateful = models.has_state(embed) and not support
 
-  def split(meta_params):
-    return split_model_state(meta_params, stateful)
-
-  def init(key, episode: Episode):
-    params = R2D2Params(
-        embed.init(key, episode.support_x),
+  def wrap(net):
+    return R2D2Params(
+        net,
         jnp.log(jnp.float32(lam)) if learn_lam else None,
         jnp.log(jnp.float32(scale)) if learn_scale else None,
         jnp.zeros((), jnp.float32) if learn_scale else None,
     )
-    if not stateful:
-      return params
-    return WithModelState(params, embed.init_state(key, episode.support_x))
 
   def hyper(params: R2D2Params):
     """``(lam, scale, bias)``, learned or fixed."""
@@ -203,57 +180,5 @@ def r2d2(
     logits = alpha * (_with_ones(z) @ head.weights) + beta
     return jnp.where(head.present[None, :], logits, -jnp.inf)
 
-  score = task_loss
-
-  def embed_episode(params, state, episode: Episode, training: bool):
-    return _embed_episode(embed, params, state, episode, training)
-
-  def adapt(meta_params, episode: Episode, key, training: bool = True):
-    del key, training  # closed form: the same in meta-training and test
-    params, state = split(meta_params)
-    if support:
-      z, stats = models.support_forward(embed, params.embed,
-                                        episode.support_x)
-      return WithModelState(fit(params, z, episode.support_y), stats)
-    z, _, _ = embed_episode(params.embed, state, episode, False)
-    return fit(params, z, episode.support_y)
-
-  def embed_with(meta_params, task_params, x):
-    """Embeddings of ``x`` at meta-test."""
-    params, state = split(meta_params)
-    if support:
-      state = task_params.model_state
-    return models.bind(embed, state).apply(params.embed, x)
-
-  def predict(meta_params, task_params, x):
-    head = task_params.params if support else task_params
-    return classify(split(meta_params)[0], head,
-                    embed_with(meta_params, task_params, x))
-
-  def evaluate(meta_params, task_params, episode: Episode):
-    if support:
-      return score(predict(meta_params, task_params, episode.query_x),
-                   episode.query_y)
-    params, state = split(meta_params)
-    _, z, _ = embed_episode(params.embed, state, episode, False)
-    return score(classify(params, task_params, z), episode.query_y)
-
-  def meta_grad(meta_params, episode: Episode, key):
-    del key
-    params, state = split(meta_params)
-
-    def loss_fn(params):
-      zs, zq, new = embed_episode(params.embed, state, episode, True)
-      head = fit(params, zs, episode.support_y)
-      loss, metrics = score(classify(params, head, zq), episode.query_y)
-      return loss, (metrics, new)
-
-    grads, (metrics, new) = jax.grad(loss_fn, has_aux=True)(params)
-    if stateful:  # the carried entry is the new value (MetaLearner.carried)
-      grads = WithModelState(grads, jax.lax.stop_gradient(new))
-    return grads, metrics
-
-  return make_learner(init, adapt, evaluate, meta_grad,
-                      with_model_state() if stateful else None, predict,
-                      embed.transductive)
-
+  return embedding_learner(embed, fit, classify, wrap,
+                           lambda params: params.embed)

@@ -100,7 +100,8 @@ def test_smoke_debug_shrinks_every_experiment(compose_train, name):
 @pytest.mark.parametrize("learner", _options("learner"))
 def test_every_learner_option_builds(compose_train, learner):
   embedding = learner in ("protonet", "r2d2", "incontext", "baseline",
-                          "baseline_pp", "rfs", "meta_baseline")
+                          "baseline_pp", "rfs", "meta_baseline",
+                          "metaoptnet")
   model = "conv4_protonet" if embedding else "conv4_omniglot"
   cfg = experiment.validate_config(
       compose_train(f"learner={learner}", f"model={model}")

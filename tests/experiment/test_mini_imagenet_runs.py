@@ -17,18 +17,20 @@ import pytest
 
 from metalearn import experiment
 
-# Classes per split and images per class: 16-way training (R2-D2) and
-# 5 shots + 15 queries at test.
+# Classes per split and images per class: 16-way training (R2-D2),
+# 15 shots + 6 queries in training (MetaOptNet) and 5 shots + 15 queries at
+# test.
 CLASSES = {"train": 16, "val": 5, "test": 5}
-PER_CLASS = 20
+PER_CLASS = 21
 SIZE = 16
 # The learners added since the first paper rows, by experiment-file suffix,
-# with the override that narrows each file's network.
+# with the overrides that narrow each file's network (and solver).
 LEARNERS = {
-    "r2d2": "model.features=8",
-    "baseline": "model.features=8",
-    "baseline-pp": "model.features=8",
-    "rfs": "model.widths=[8,8,8,8]",
+    "r2d2": ("model.features=8",),
+    "baseline": ("model.features=8",),
+    "baseline-pp": ("model.features=8",),
+    "rfs": ("model.widths=[8,8,8,8]",),
+    "metaoptnet": ("model.widths=[8,8,8,8]", "learner.num_steps=20"),
 }
 
 
@@ -62,7 +64,7 @@ def test_experiment_runs_on_generated_mini_imagenet(
   name = f"mini_imagenet_5w{shots}s_{learner}"
   cfg = compose_train(
       f"experiment={name}", "debug=smoke", f"data_dir={mini_dir}",
-      f"task.image_size={SIZE}", LEARNERS[learner],
+      f"task.image_size={SIZE}", *LEARNERS[learner],
       "trainer.val_episodes=2",
   )
   results = experiment.run_experiment(cfg, tmp_path)

@@ -187,6 +187,12 @@ LEARNERS_UNDER_TEST: tuple[LearnerCase, ...] = (
         "meta_baseline_running",
         lambda: metalearners.meta_baseline(_running(None)), "omniglot",
     ),
+    # The SVM head, its dual solved in a few steps at this size.
+    LearnerCase(
+        "metaoptnet_running",
+        lambda: metalearners.metaoptnet(_running(None), num_steps=20),
+        "omniglot",
+    ),
     LearnerCase(
         "rfs_running",
         lambda: metalearners.rfs(_running(None), 6, finetune_steps=2),
