@@ -133,11 +133,12 @@ def _validate_rates(cfg) -> None:
 
 def _validate_trainer(cfg) -> None:
   for field in (
-      "num_steps", "meta_batch_size", "steps_per_call", "log_every",
+      "meta_batch_size", "steps_per_call", "log_every",
       "checkpoint_every", "max_to_keep", "eval_batch_size",
   ):
     checks.int_at_least(cfg, f"trainer.{field}", 1)
-  for field in ("eval_every", "test_episodes"):
+  # 0: validate and test the initial (or trainer.init_from) state.
+  for field in ("num_steps", "eval_every", "test_episodes"):
     checks.int_at_least(cfg, f"trainer.{field}", 0)
   if checks.get(cfg, "trainer.eval_every"):
     checks.int_at_least(cfg, "trainer.val_episodes", 1)

@@ -240,6 +240,8 @@ def run_experiment(
         max_seconds=trainer.get("max_time_s"),
     )
     stopped_early = int(state.step) < trainer["num_steps"]
+    if not trainer["num_steps"]:  # Nothing trained: keep what is tested.
+      _checkpoint.save_state(manager, state, force=True)
     if stopped_early:
       log.warning(
           "trainer.max_time_s=%s reached at meta-step %d of %d; the "

@@ -66,7 +66,7 @@ SINUSOID = ("experiment=sinusoid_maml", "debug=smoke")
          "task.train_num_shots must be an int >= 1, got 0"),
         (("trainer.task_map=pmap",),
          "trainer.task_map='pmap' is not one of auto, vmap, scan"),
-        (("trainer.num_steps=0",), "trainer.num_steps must be an int >= 1"),
+        (("trainer.num_steps=-1",), "trainer.num_steps must be an int >= 0"),
         (("trainer.checkpoint_every=150",),
          "trainer.checkpoint_every=150 must be a multiple of "
          "trainer.log_every=100"),

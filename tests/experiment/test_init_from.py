@@ -97,6 +97,21 @@ def test_metasgd_starts_from_a_maml_network(compose_train, tmp_path,
   assert "loaded 6 network leaves of checkpoint 2" in caplog.text
 
 
+def test_zero_steps_test_the_loaded_network_untrained(compose_train,
+                                                     tmp_path, maml_run):
+  _, saved = experiment.load_checkpoint(maml_run / "checkpoints")
+  cfg = compose_train("experiment=sinusoid_metasgd", *FAST,
+                      "trainer.num_steps=0", "trainer.test_episodes=4",
+                      f"trainer.init_from={maml_run}")
+  results = experiment.run_experiment(cfg, tmp_path)
+  assert (results["steps"], results["tested_step"]) == (0, 0)
+  assert results["test/num_episodes"] == 4
+  step, tested = experiment.load_checkpoint(tmp_path / "checkpoints")
+  assert step == 0
+  jax.tree.map(np.testing.assert_array_equal,
+               tested["meta_params"]["model"], saved["meta_params"])
+
+
 def test_a_network_of_another_width_fails_in_one_line(compose_train,
                                                       tmp_path, maml_run):
   cfg = compose_train("experiment=sinusoid_metasgd", *FAST,
