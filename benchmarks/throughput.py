@@ -73,6 +73,12 @@ LEARNERS = {
         models.conv4(5), inner_lr=0.001, num_inner_steps=5)),
     "protonet": ("ProtoNet", lambda: metalearners.protonet(
         models.conv4(None))),
+    # Supervised pretraining (Baseline, Baseline++ and RFS train alike): a
+    # "task" is one mini-batch of PRETRAIN_BATCH images over the 4112
+    # classes, as many images as a 5-way 1-shot 15-query episode.
+    "baseline": ("Baseline pretraining (batches of 80)", lambda: (
+        metalearners.baseline(models.conv4(None), 4112,
+                              batch_size=PRETRAIN_BATCH))),
     # Mini-ImageNet's models (--shape mini_imagenet): Finn et al.'s Conv-4
     # with 32 filters, and the ResNet-12 of MetaOptNet and its successors.
     "maml5_c32": ("MAML k=5, Conv-4 (32)", lambda: metalearners.maml(
@@ -88,6 +94,7 @@ LEARNERS = {
 ANALYTIC_GFLOP = {"maml1": 5.21, "maml5": 8.68, "fomaml1": 4.64,
                   "protonet": 4.64}
 TASK_MAPS = ("auto", "vmap", "scan")
+PRETRAIN_BATCH = 80
 # Synthetic pools: (classes, examples per class, height, width, channels).
 # Omniglot: the Vinyals training split with rotations; Mini-ImageNet: its 64
 # training classes (20 examples each: how many there are does not change the
@@ -97,7 +104,7 @@ POOLS = {"omniglot": (4112, 20, 28, 28, 1),
 # The learners each shape runs unless --learners names others.
 DEFAULT_LEARNERS = {
     "omniglot": ("maml1", "maml5", "fomaml1", "fomaml5", "anil", "metasgd",
-                 "reptile", "protonet"),
+                 "reptile", "protonet", "baseline"),
     "mini_imagenet": ("maml5_c32", "protonet_c32", "protonet_resnet12"),
 }
 
@@ -158,6 +165,20 @@ def synthetic_sampler(args) -> tasks.TaskSampler:
                                num_queries=args.queries)
 
 
+def images_per_task(name: str, args) -> int:
+  """Images one task embeds: an episode's, or a pretraining mini-batch."""
+  if name == "baseline":
+    return PRETRAIN_BATCH
+  return args.ways * (args.shots + args.queries)
+
+
+def training_sampler(learner, sampler):
+  """The sampler the learner meta-trains on (pretraining: mini-batches)."""
+  if learner.train_sampler is None:
+    return sampler
+  return learner.train_sampler(sampler)
+
+
 def build(name: str):
   """``(learner, meta_optimizer)`` for a learner name of :data:`LEARNERS`."""
   learner = LEARNERS[name][1]()
@@ -176,8 +197,8 @@ def _flops(compiled) -> float:
 def run_worker(args) -> dict:
   """Compiles and times one learner's meta-step (in its own process)."""
   name, task_map = args.worker, args.task_map[0]
-  sampler = synthetic_sampler(args)
   learner, tx = build(name)
+  sampler = training_sampler(learner, synthetic_sampler(args))
   key = jax.random.key(0)
   state = training.init_state(learner, tx, sampler, key)
   step = training.make_meta_step(learner, tx, sampler,
@@ -227,8 +248,8 @@ def unrolled_scans():
 
 def flops_per_task(name: str, args) -> float:
   """XLA's count of one task's meta-gradient, loops unrolled."""
-  sampler = synthetic_sampler(args)
   learner, _ = build(name)
+  sampler = training_sampler(learner, synthetic_sampler(args))
   key = jax.random.key(0)
   episode = sampler.sample(key, sampler.data)
   params = learner.init(key, episode)
@@ -285,6 +306,7 @@ def measure(args) -> tuple[float, list[dict]]:
                   if (args.shape, args.ways, args.shots, args.queries)
                   == ("omniglot", 5, 1, 15) else None)
       row.update(
+          images_per_s=images_per_task(name, args) * row["tasks_per_s"],
           gflop_per_task_xla=gflop,
           gflop_per_task_analytic=analytic,
           achieved_gflops=gflop * row["tasks_per_s"],
@@ -302,11 +324,13 @@ def report(args, machine, peak, rows) -> None:
         f"cores), jax {machine['jax']}; float32 matmul peak "
         f"{peak:.0f} GFLOP/s; % of peak from XLA's FLOP count\n")
   print(_harness.markdown_table(
-      ["learner", "task map", "tasks/s", "compile (s)", "peak RSS (GB)",
+      ["learner", "task map", "tasks/s", "images/s", "compile (s)",
+       "peak RSS (GB)",
        "GFLOP/task (XLA)", "GFLOP/task (analytic)", "GFLOP/s",
        "% of matmul peak"],
       [[LEARNERS[r["learner"]][0], r["task_map"], r["tasks_per_s"],
-        r["compile_s"], r["peak_rss_bytes"] / 1e9, r["gflop_per_task_xla"],
+        r["images_per_s"], r["compile_s"], r["peak_rss_bytes"] / 1e9,
+        r["gflop_per_task_xla"],
         r["gflop_per_task_analytic"], r["achieved_gflops"],
         100 * r["fraction_of_peak"]] for r in rows if "error" not in r],
   ))

@@ -197,6 +197,17 @@ def test_throughput_smoke(bench, tmp_path):
   assert row["achieved_gflops"] == pytest.approx(
       row["gflop_per_task_xla"] * row["tasks_per_s"]
   )
+  assert row["images_per_s"] == pytest.approx(80 * row["tasks_per_s"])
+
+
+def test_throughput_pretraining_draws_mini_batches(bench):
+  mod = bench["throughput"]
+  args = mod.parse_args(["--smoke", "--learners", "baseline"])
+  learner, _ = mod.build("baseline")
+  sampler = mod.training_sampler(learner, mod.synthetic_sampler(args))
+  batch = jax.jit(sampler.sample)(jax.random.key(0), sampler.data)
+  assert batch.support_x.shape[0] == mod.images_per_task("baseline", args)
+  assert mod.images_per_task("protonet", args) == 5 * (1 + 15) == 80
 
 
 def test_population_smoke(bench, tmp_path):

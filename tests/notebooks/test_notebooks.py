@@ -2,7 +2,8 @@
 
 Each ``notebooks/*.ipynb`` is executed with nbclient at smoke size
 (``METALEARN_NOTEBOOK_SMOKE=1``), with the matplotlib backend ``Agg`` and a
-time budget per notebook. The kernel is this interpreter: a ``python3``
+time budget per notebook, two notebooks at a time, each in a worker process
+(this file run as a script). The kernel is this interpreter: a ``python3``
 kernelspec for ``sys.executable`` is written to a temporary directory that
 ``JUPYTER_PATH`` puts first, so nothing is registered globally and a
 ``python3`` kernel of another environment is never picked up.
@@ -12,7 +13,9 @@ import ast
 import importlib
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -32,6 +35,8 @@ SMOKE_FLAG = "METALEARN_NOTEBOOK_SMOKE"
 # Wall-clock budget per notebook, kernel start included. At smoke size each
 # takes 20-40 s on two free cores; the margin is for a loaded CI machine.
 NOTEBOOK_TIMEOUT_S = 300
+# Notebooks run at once (test_notebook_runs_at_smoke_size).
+PARALLEL = 2
 
 by_name = pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 
@@ -154,14 +159,20 @@ def kernel_dir(tmp_path_factory) -> pathlib.Path:
   return root
 
 
-@pytest.fixture
-def smoke_env(monkeypatch, kernel_dir, data_dir):
-  """The environment the notebook kernel inherits."""
-  monkeypatch.setenv(SMOKE_FLAG, "1")
-  monkeypatch.setenv("MPLBACKEND", "Agg")
-  monkeypatch.setenv("METALEARN_DATA_DIR", str(data_dir))
-  monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))
-  monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+def _smoke_env(kernel_dir: pathlib.Path, data_dir) -> dict[str, str]:
+  """The environment the notebook kernels inherit."""
+  return dict(
+      os.environ,
+      **{SMOKE_FLAG: "1"},
+      MPLBACKEND="Agg",
+      METALEARN_DATA_DIR=str(data_dir),
+      JUPYTER_PATH=str(kernel_dir),
+      PYDEVD_DISABLE_FILE_VALIDATION="1",
+  )
+
+
+class NotebookTimeout(RuntimeError):
+  """A notebook used up its time budget."""
 
 
 def _execute(nb, path: pathlib.Path) -> float:
@@ -177,7 +188,7 @@ def _execute(nb, path: pathlib.Path) -> float:
     for index, cell in enumerate(nb.cells):
       remaining = NOTEBOOK_TIMEOUT_S - (time.monotonic() - start)
       if remaining <= 0:
-        pytest.fail(
+        raise NotebookTimeout(
             f"{path.name} used up its {NOTEBOOK_TIMEOUT_S} s budget before "
             f"cell {index}"
         )
@@ -186,15 +197,55 @@ def _execute(nb, path: pathlib.Path) -> float:
   return time.monotonic() - start
 
 
+def _run_one(path: pathlib.Path, out: pathlib.Path) -> None:
+  """Executes one notebook (with a last cell printing the kernel's
+  interpreter) and writes it, and its seconds, to ``out`` (the worker
+  process of :func:`executed`)."""
+  nb = _read(path)
+  nb.cells.append(nbformat.v4.new_code_cell(
+      "import sys\nprint(sys.executable)"))
+  try:
+    seconds, error = _execute(nb, path), None
+  except Exception as e:  # noqa: BLE001 (reported by the test)
+    seconds, error = None, f"{type(e).__name__}: {e}"
+  nb.metadata["smoke_run"] = {"seconds": seconds, "error": error}
+  nbformat.write(nb, out)
+
+
+@pytest.fixture(scope="session")
+def executed(kernel_dir, data_dir, tmp_path_factory):
+  """Every notebook run at smoke size, :data:`PARALLEL` at a time, each in
+  a worker process of its own: a kernel spends most of a smoke run
+  compiling, on one core, so two kernels use the two cores of a CI
+  machine. Returns the executed notebooks by path."""
+  out_dir = tmp_path_factory.mktemp("executed")
+  env = _smoke_env(kernel_dir, data_dir)
+  pending, running, done = list(NOTEBOOKS), [], {}
+  while pending or running:
+    while pending and len(running) < PARALLEL:
+      path = pending.pop(0)
+      out = out_dir / path.name
+      proc = subprocess.Popen(
+          [sys.executable, __file__, str(path), str(out)], env=env,
+          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      running.append((path, out, proc))
+    path, out, proc = running.pop(0)
+    log = proc.communicate()[0]
+    done[path] = (_read(out) if proc.returncode == 0 and out.exists()
+                  else log[-3000:])
+  return done
+
+
 @pytest.mark.slow
 @by_name
-def test_notebook_runs_at_smoke_size(path, smoke_env):
-  nb = _read(path)
-  check = nbformat.v4.new_code_cell("import sys\nprint(sys.executable)")
-  nb.cells.append(check)
-  seconds = _execute(nb, path)
+def test_notebook_runs_at_smoke_size(path, executed):
+  nb = executed[path]
+  assert not isinstance(nb, str), f"the worker failed:\n{nb}"
+  run = nb.metadata.smoke_run
+  assert run.error is None, run.error
   outputs = [o for c in _code_cells(nb) for o in c.outputs]
-  assert not [o for o in outputs if o.output_type == "error"]
+  errors = [o for o in outputs if o.output_type == "error"]
+  assert not errors, errors[0]
   # The kernel was this interpreter, not a python3 found elsewhere.
   printed = "".join(
       o.text for o in nb.cells[-1].outputs
@@ -206,4 +257,8 @@ def test_notebook_runs_at_smoke_size(path, smoke_env):
       if o.output_type == "display_data" and "image/png" in o.data
   ]
   assert pngs, f"{path.name} rendered no inline PNG plot"
-  print(f"{path.name}: {seconds:.1f} s, {len(pngs)} plots")
+  print(f"{path.name}: {run.seconds:.1f} s, {len(pngs)} plots")
+
+
+if __name__ == "__main__":
+  _run_one(pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]))
