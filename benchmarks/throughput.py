@@ -77,7 +77,7 @@ LEARNERS = {
     # "task" is one mini-batch of PRETRAIN_BATCH images over the 4112
     # classes, as many images as a 5-way 1-shot 15-query episode.
     "baseline": ("Baseline pretraining (batches of 80)", lambda: (
-        metalearners.baseline(models.conv4(None), 4112,
+        metalearners.baseline(models.conv4(None, norm="running"), 4112,
                               batch_size=PRETRAIN_BATCH))),
     # Mini-ImageNet's models (--shape mini_imagenet): Finn et al.'s Conv-4
     # with 32 filters, and the ResNet-12 of MetaOptNet and its successors.
