@@ -53,11 +53,28 @@ def _samplers(cfg, learner) -> _tasksets.Samplers:
   meta-training tasks are augmented (``augment``, never validation or test)
   and drawn as the learner asks (``train_sampler``, e.g. MLTI's pairs of
   augmented tasks)."""
-  augment, wrap = _build.build_augmentation(cfg), learner.train_sampler
+  augment, own = _build.build_augmentation(cfg), learner.train_sampler
+  if own is not None:
+    own = _config_errors(own)
+  wrap = own
   if augment is not None:
-    wrap = augment if wrap is None else (
-        lambda sampler: learner.train_sampler(augment(sampler)))
+    wrap = augment if own is None else (
+        lambda sampler: own(augment(sampler)))
   return _tasksets.build_samplers(cfg["task"], train_sampler=wrap)
+
+
+def _config_errors(train_sampler):
+  """A learner's ``train_sampler`` whose argument checks (its
+  ``ValueError``s, such as a ``learner.num_classes`` below the pool's
+  classes) are config errors."""
+
+  def draw(sampler):
+    try:
+      return train_sampler(sampler)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+
+  return draw
 
 
 def _validate(trainer, learner, meta_params, samplers):

@@ -210,6 +210,19 @@ def test_episode_too_large_for_dataset(
   assert not (run_dir / "checkpoints").exists()  # Nothing trained.
 
 
+def test_pretraining_head_smaller_than_the_pool_is_a_config_error(
+    compose_train, tmp_path, tiny_mini_imagenet):
+  cfg = compose_train(
+      "experiment=mini_imagenet_5w1s_baseline", "learner.num_classes=2",
+      f"data_dir={tiny_mini_imagenet}", "task.image_size=16", "debug=smoke",
+      "task.num_ways=3", "task.num_queries=2")
+  with pytest.raises(experiment.ConfigError,
+                     match="learner.num_classes=2 is smaller than the 3 "
+                     "classes of the meta-training pool"):
+    experiment.run_experiment(cfg, tmp_path / "run")
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_missing_data_directory_says_where_to_put_the_data(
     compose_train, tmp_path
 ):
