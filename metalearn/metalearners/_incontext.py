@@ -236,6 +236,7 @@ def in_context(
     num_heads: int = 4,
     mlp_ratio: int = 4,
     permute_labels: bool = True,
+    freeze_encoder: bool = False,
 ) -> MetaLearner:
   r"""An in-context learner: a transformer reads the support set and
   labels each query in one forward pass.
@@ -272,7 +273,13 @@ def in_context(
   support tokens' keys and values at every layer (:class:`ContextCache`),
   and ``predict`` runs query tokens through the layers against that
   cache. Everything (encoder, projection, embeddings, transformer) is
-  meta-learned by the gradient of the query cross-entropy.
+  meta-learned by the gradient of the query cross-entropy, unless
+  ``freeze_encoder``: then the encoder is a fixed feature extractor, as
+  CAML's pretrained image encoder (load one with ``trainer.init_from``):
+  its parameters (and running statistics) are carried state that the
+  meta-step leaves as they are, whatever the meta-optimizer (weight decay
+  included), it always normalises with its running statistics, and no
+  gradient flows into it.
 
   With ``permute_labels`` meta-training assigns an episode's labels to
   random slots (a random injection of :math:`[0, N)` into
@@ -299,6 +306,8 @@ def in_context(
     num_heads: attention heads (dividing ``dim``).
     mlp_ratio: the width of each block's MLP, in multiples of ``dim``.
     permute_labels: meta-train on labels assigned to random slots.
+    freeze_encoder: keep the encoder as it is initialised or loaded
+      (``norm="running"`` or ``"none"``).
 
   Returns:
     A :class:`MetaLearner` whose meta-parameters are
@@ -347,6 +356,10 @@ def in_context(
   net = InContextTransformer(max_ways, dim, depth, num_heads, mlp_ratio)
   support = models.uses_support_statistics(encoder)
   stateful = models.has_state(encoder) and not support
+  if freeze_encoder and (support or encoder.transductive):
+    raise ValueError(
+        "freeze_encoder needs an encoder normalised alone (norm='running' "
+        "or 'none'): a frozen encoder keeps its running statistics")
 
   def split(meta_params):
     return split_model_state(meta_params, stateful)
@@ -419,17 +432,35 @@ def in_context(
       slots = jax.random.permutation(key, max_ways)
       ys, yq = slots[ys], slots[yq]
 
+    if freeze_encoder:  # Features of the fixed encoder, state unmoved.
+      zs, zq, new = jax.lax.stop_gradient(
+          embed_episode(params.embed, state, episode, False))
+
     def loss_fn(params):
-      zs, zq, new = embed_episode(params.embed, state, episode, True)
-      cache = encode(params.transformer, zs, ys)
-      loss, metrics = score(read(params.transformer, cache, zq), yq)
-      return loss, (metrics, new)
+      if freeze_encoder:
+        (zs_, zq_), state_ = (zs, zq), new
+      else:
+        zs_, zq_, state_ = embed_episode(params.embed, state, episode, True)
+      cache = encode(params.transformer, zs_, ys)
+      loss, metrics = score(read(params.transformer, cache, zq_), yq)
+      return loss, (metrics, state_)
 
     grads, (metrics, new) = jax.grad(loss_fn, has_aux=True)(params)
+    if freeze_encoder:  # Carried: the "new value" is the value it has.
+      grads = grads._replace(embed=jax.lax.stop_gradient(params.embed))
     if stateful:  # the carried entry is the new value (MetaLearner.carried)
       grads = WithModelState(grads, jax.lax.stop_gradient(new))
     return grads, metrics
 
-  return make_learner(init, adapt, evaluate, meta_grad,
-                      with_model_state() if stateful else None, predict,
+  def frozen(params: InContextParams) -> InContextParams:
+    """``carried`` of the parameters: the encoder's, when frozen."""
+    return InContextParams(
+        jax.tree.map(lambda _: freeze_encoder, params.embed),
+        jax.tree.map(lambda _: False, params.transformer))
+
+  if stateful:
+    carried = with_model_state(frozen if freeze_encoder else None)
+  else:
+    carried = frozen if freeze_encoder else None
+  return make_learner(init, adapt, evaluate, meta_grad, carried, predict,
                       encoder.transductive)

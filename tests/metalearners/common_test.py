@@ -259,6 +259,11 @@ INDEPENDENCE_ONLY: tuple[LearnerCase, ...] = (
                     _conv(None, norm="support"), max_ways=NUM_WAYS,
                     dim=16, depth=1, num_heads=2),
                 "omniglot"),
+    LearnerCase("incontext_frozen_encoder",
+                lambda: metalearners.in_context(
+                    _running(None), max_ways=NUM_WAYS, dim=16, depth=1,
+                    num_heads=2, freeze_encoder=True),
+                "omniglot"),
     LearnerCase("baseline_pp_running",
                 lambda: metalearners.baseline_pp(_running(None), 6,
                                                  finetune_steps=2),

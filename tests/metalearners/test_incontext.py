@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from metalearn import metalearners, models
+from metalearn import metalearners, models, tasks, training
 from metalearn.types import Episode
 
 MAX_WAYS = 5
@@ -189,3 +189,40 @@ def test_learns_a_tiny_in_context_task():
   assert loss[:10].mean() > 0.5, loss[:10]  # chance is log 2 = 0.69
   assert loss[-20:].mean() < 0.25, loss[-20:]
   assert accuracy > 0.9, accuracy
+
+
+def test_a_frozen_encoder_stays_as_loaded_and_the_rest_learns():
+  learner = _learner(freeze_encoder=True)
+  sampler = tasks.TaskSampler(
+      lambda key, data: _cluster_episode(key), None)
+  # Weight decay would move any parameter that a zero gradient left alone.
+  tx = optax.adamw(1e-2, weight_decay=0.1)
+  state = training.init_state(learner, tx, sampler, jax.random.key(0))
+  marks = learner.carried(state.meta_params)
+  assert all(jax.tree.leaves(marks.embed))
+  assert not any(jax.tree.leaves(marks.transformer))
+  step = training.make_meta_step(learner, tx, sampler, meta_batch_size=2)
+  before = jax.device_get(state.meta_params)  # The step donates the state.
+  trained = state
+  for i in range(2):
+    trained, metrics = step(trained, None, jax.random.key(i))
+  assert np.isfinite(float(metrics["outer/loss"]))
+  jax.tree.map(np.testing.assert_array_equal, trained.meta_params.embed,
+               before.embed)
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
+                       trained.meta_params.transformer, before.transformer)
+  assert max(jax.tree.leaves(moved)) > 1e-3
+  # Unfrozen, the same step moves the encoder.
+  free = _learner()
+  state = training.init_state(free, tx, sampler, jax.random.key(0))
+  before = jax.device_get(state.meta_params)
+  trained, _ = training.make_meta_step(free, tx, sampler, meta_batch_size=2)(
+      state, None, jax.random.key(0))
+  assert not np.array_equal(jax.tree.leaves(trained.meta_params.embed)[0],
+                            jax.tree.leaves(before.embed)[0])
+
+
+def test_a_frozen_encoder_needs_its_own_statistics():
+  with pytest.raises(ValueError, match="freeze_encoder needs an encoder"):
+    metalearners.in_context(models.conv4(None, norm="support"), max_ways=5,
+                            freeze_encoder=True)
