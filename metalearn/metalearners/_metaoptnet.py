@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from jax.scipy.sparse.linalg import gmres
 from optax.projections import projection_simplex
 
-from metalearn.metalearners._base import MetaLearner, embedding_learner
-from metalearn.metalearners._protonet import ScaledParams
+from metalearn.metalearners._base import MetaLearner
+from metalearn.metalearners._protonet import scaled_embedding_learner
 from metalearn.models import Model
 
 # The dual variables of absent classes are held at zero by giving them this
@@ -224,22 +224,15 @@ def metaoptnet(
     if not value > 0:
       raise ValueError(f"{name} must be > 0, got {value}")
 
-  def fit(learned, z, labels) -> SVMHead:
-    del learned
+  def fit(z, labels) -> SVMHead:
     slots = labels.shape[-1]
     present = jax.nn.one_hot(labels, slots, dtype=z.dtype).sum(0) > 0
     alpha = crammer_singer_dual(z @ z.T, labels, present, c, jitter,
                                 num_steps)
     return SVMHead(z.T @ alpha, present)
 
-  def classify(learned, head: SVMHead, z):
-    tau = learned.scale if learn_scale else scale
+  def classify(tau, head: SVMHead, z):
     logits = tau * (z @ head.weights)
     return jnp.where(head.present[None, :], logits, -jnp.inf)
 
-  if not learn_scale:
-    return embedding_learner(embed, fit, classify)
-  return embedding_learner(
-      embed, fit, classify,
-      wrap=lambda net: ScaledParams(net, jnp.float32(scale)),
-      network=lambda learned: learned.embed)
+  return scaled_embedding_learner(embed, fit, classify, scale, learn_scale)

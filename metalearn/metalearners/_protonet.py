@@ -137,23 +137,41 @@ def protonet(
   if not scale > 0:
     raise ValueError(f"scale must be > 0, got {scale}")
 
-  def fit(learned, z, labels):
-    del learned
+  def fit(z, labels):
     return prototypes(z, labels, labels.shape[-1])
 
-  def classify(learned, task_params, z):
+  def classify(tau, task_params, z):
     protos, present = task_params
-    tau = learned.scale if learn_scale else scale
     if metric == "cosine":
       logits = tau * cosine_similarities(z, protos)
     else:
       logits = -tau * squared_distances(z, protos)
     return jnp.where(present[None, :], logits, -jnp.inf)
 
+  return scaled_embedding_learner(embed, fit, classify, scale, learn_scale)
+
+
+def scaled_embedding_learner(embed: Model, fit, classify, scale: float,
+                             learn_scale: bool) -> MetaLearner:
+  """:func:`~metalearn.metalearners.embedding_learner` with a temperature.
+
+  Args:
+    embed: the embedding network.
+    fit: ``fit(support_z, support_y) -> head``.
+    classify: ``classify(tau, head, z) -> logits``.
+    scale: the temperature, or its initial value when learned.
+    learn_scale: meta-learn it (meta-parameters :class:`ScaledParams`).
+
+  Returns:
+    The :class:`MetaLearner`.
+  """
   if not learn_scale:
-    return embedding_learner(embed, fit, classify)
+    return embedding_learner(
+        embed, lambda _, z, y: fit(z, y),
+        lambda _, head, z: classify(scale, head, z))
   return embedding_learner(
-      embed, fit, classify,
+      embed, lambda _, z, y: fit(z, y),
+      lambda learned, head, z: classify(learned.scale, head, z),
       wrap=lambda net: ScaledParams(net, jnp.float32(scale)),
       network=lambda learned: learned.embed)
 
