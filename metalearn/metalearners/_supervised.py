@@ -1,5 +1,6 @@
 """Supervised pretraining baselines: Baseline, Baseline++ and RFS."""
 
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -16,10 +17,11 @@ from metalearn.metalearners._base import (
     with_model_state,
 )
 from metalearn.models import Model
-from metalearn.tasks import batch_sampler
+from metalearn.tasks import augment_images, augmentation, batch_sampler
 from metalearn.types import Episode
 
 PyTree = Any
+Transform = Callable[[jax.Array, jax.Array], jax.Array]
 TRAIN_HEADS = ("linear", "cosine")
 TEST_HEADS = ("linear", "cosine", "logistic")
 
@@ -43,15 +45,24 @@ class SupervisedParams(NamedTuple):
 class FittedHead(NamedTuple):
   """A task's head fitted on its support set: ``head`` (one column per
   slot, one slot per support image) and ``present [slots]``, which slots
-  the support set labels; the others get ``-inf`` logits."""
+  the support set labels; the others get ``-inf`` logits. ``embed``: the
+  backbone fine-tuned on the support set with the head
+  (``backbone_steps > 0``), or ``None`` (the pretrained one is used)."""
 
   head: Head
   present: jax.Array
+  embed: PyTree | None = None
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-  """``x / (||x|| + 1e-5)`` along ``axis`` (Chen et al.'s ``distLinear``)."""
-  return x / (jnp.linalg.norm(x, axis=axis, keepdims=True) + 1e-5)
+  """``x / (||x|| + 1e-5)`` along ``axis`` (Chen et al.'s ``distLinear``).
+
+  The norm's gradient is 0, not NaN, at the zero vector (an absent slot's
+  column of a cosine head), so no NaN reaches the other parameters.
+  """
+  squares = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  norm = jnp.sqrt(jnp.maximum(squares, jnp.finfo(squares.dtype).tiny))
+  return x / (norm + 1e-5)
 
 
 def head_logits(head: Head, z: jax.Array, kind: str,
@@ -190,6 +201,94 @@ def logistic_regression(
   return FittedHead(head, present)
 
 
+def finetune_backbone(
+    apply: Callable[[PyTree, jax.Array], jax.Array],
+    embed_params: PyTree,
+    fitted: FittedHead,
+    x: jax.Array,
+    labels: jax.Array,
+    *,
+    kind: str = "linear",
+    scale: float = 2.0,
+    steps: int = 50,
+    learning_rate: float = 0.01,
+    momentum: float = 0.9,
+    transform: Transform | None = None,
+    key: jax.Array | None = None,
+) -> FittedHead:
+  """Fine-tunes the backbone and a fitted head together on a support set.
+
+  ``steps`` steps of SGD with momentum (``optax.sgd``) on the mean
+  cross-entropy of the support set, over the backbone's parameters and
+  the head's, from ``embed_params`` and ``fitted.head`` (the head already
+  fitted on the frozen features, so the first steps do not spend the
+  backbone on a random head). With a ``transform``, step ``t`` reads the
+  support images augmented with keys from ``jax.random.fold_in(key, t)``
+  (fresh views each step, as Hu et al. fine-tune on augmented support
+  sets). Deterministic given the key, and vmappable.
+
+  Args:
+    apply: ``apply(embed_params, x) -> features [n, d]``, as the head
+      reads them (normalised for a logistic head; fixed batch-norm
+      statistics).
+    embed_params: the backbone's parameters to start from.
+    fitted: the head fitted on the frozen features.
+    x: support images ``[n, H, W, C]``.
+    labels: int ``[n]``, the head's slots.
+    kind: the head's logits, ``"linear"`` or ``"cosine"``.
+    scale: the cosine head's logit scale.
+    steps: SGD steps.
+    learning_rate, momentum: the SGD settings (the same for backbone
+      and head).
+    transform: a transform of one image (:func:`metalearn.tasks.
+      augmentation`), or ``None`` to fine-tune on the images as given.
+    key: the augmentation's key (required with a ``transform``).
+
+  Returns:
+    ``fitted`` with the fine-tuned head and ``embed`` set to the
+    fine-tuned backbone.
+
+  Raises:
+    ValueError: for a ``transform`` without a ``key``.
+  """
+  if transform is not None and key is None:
+    raise ValueError("fine-tuning on augmented support sets needs a key")
+  tx = optax.sgd(learning_rate, momentum)
+
+  def loss(params, t):
+    embed, head = params
+    images = x
+    if transform is not None:
+      images = augment_images(transform, jax.random.fold_in(key, t), x)
+    logits = _masked(head_logits(head, apply(embed, images), kind, scale),
+                     fitted.present)
+    return _cross_entropy(logits, labels)
+
+  def step(carry, t):
+    params, state = carry
+    updates, state = tx.update(jax.grad(loss)(params, t), state, params)
+    return (optax.apply_updates(params, updates), state), None
+
+  params = (embed_params, fitted.head)
+  (params, _), _ = jax.lax.scan(step, (params, tx.init(params)),
+                                jnp.arange(steps))
+  return fitted._replace(head=params[1], embed=params[0])
+
+
+def _transform(augment: Transform | Mapping | None) -> Transform | None:
+  """A transform, or one built from an ``augment`` config's fields."""
+  if augment is None or callable(augment):
+    return augment
+  _check(isinstance(augment, Mapping),
+         "backbone_augment must be null, a transform or a mapping of "
+         f"metalearn.tasks.augmentation's arguments, got {augment!r}")
+  args = {k: v for k, v in augment.items() if k != "apply_to"}
+  try:
+    return augmentation(**args)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"backbone_augment.{e}") from e
+
+
 def _check(cond: bool, message: str) -> None:
   if not cond:
     raise ValueError(message)
@@ -215,6 +314,9 @@ def supervised(
     dampening: float = 0.9,
     weight_decay: float = 1e-3,
     c: float = 1.0,
+    backbone_steps: int = 0,
+    backbone_lr: float = 0.01,
+    backbone_augment: Transform | Mapping | None = None,
 ) -> MetaLearner:
   r"""Supervised pretraining on all classes, then a new head per task.
 
@@ -245,6 +347,15 @@ def supervised(
     L2-normalised features (Tian et al.: scikit-learn's default
     ``LogisticRegression``), ``finetune_steps`` L-BFGS iterations.
 
+  Test-time fine-tuning of the backbone (``backbone_steps > 0``): after
+  the head is fitted, backbone and head are trained together on the
+  support set by :func:`finetune_backbone` (``backbone_steps`` steps of
+  SGD, momentum 0.9, learning rate ``backbone_lr``; augmented views of
+  the support images at each step with ``backbone_augment``), as Hu et
+  al.'s pipeline does at meta-test; the task's parameters then hold its
+  own backbone. Batch-norm statistics stay the running ones. Choose the
+  learning rate on validation episodes, as they do (0 is no fine-tuning).
+
   Batch norm: ``norm="running"`` normalises the training batches with
   their statistics and carries the running statistics
   (:class:`WithModelState`), used alone at meta-test (PyTorch's
@@ -265,6 +376,13 @@ def supervised(
     finetune_steps: SGD steps, or L-BFGS iterations for ``"logistic"``.
     finetune_lr, momentum, dampening, weight_decay: the test head's SGD.
     c: the logistic regression's inverse regularisation strength.
+    backbone_steps: test-time fine-tuning steps of the backbone (0: the
+      backbone stays frozen, as Chen et al. and Tian et al. test).
+    backbone_lr: their SGD learning rate.
+    backbone_augment: ``None``, a transform of one image, or the
+      arguments of :func:`metalearn.tasks.augmentation` (an ``augment``
+      config: ``learner.backbone_augment=${augment}``; its ``apply_to``
+      is ignored, only support images are read).
 
   Returns:
     A :class:`MetaLearner`; meta-parameters :class:`SupervisedParams` (in
@@ -301,6 +419,10 @@ def supervised(
     Tian, Wang, Krishnan, Tenenbaum & Isola, `Rethinking Few-Shot Image
     Classification: a Good Embedding Is All You Need?
     <https://arxiv.org/abs/2003.11539>`_, ECCV 2020.
+
+    Hu, Li, Stühmer, Kim & Hospedales, `Pushing the Limits of Simple
+    Pipelines for Few-Shot Learning: External Data and Fine-Tuning Make a
+    Difference <https://arxiv.org/abs/2204.07305>`_, CVPR 2022.
   """
   _positive_int(num_classes, "num_classes")
   _positive_int(batch_size, "batch_size")
@@ -316,6 +438,11 @@ def supervised(
   _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
   _check(0 <= dampening < 1, f"dampening must be in [0, 1), got {dampening}")
   _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
+  _check(isinstance(backbone_steps, int) and not isinstance(
+      backbone_steps, bool) and backbone_steps >= 0,
+         f"backbone_steps must be an int >= 0, got {backbone_steps!r}")
+  _check(backbone_lr >= 0, f"backbone_lr must be >= 0, got {backbone_lr}")
+  transform = _transform(backbone_augment)
   _check(not (embed.transductive or models.uses_support_statistics(embed)),
          "supervised pretraining supports norm='running' or norm='none' "
          "(the test head is fitted on frozen features normalised alone)")
@@ -344,25 +471,43 @@ def supervised(
       return params
     return WithModelState(params, embed.init_state(embed_key, x))
 
-  def features(meta_params, x):
-    """Frozen test features of ``x``, normalised alone."""
-    params, state = split(meta_params)
-    z = models.bind(embed, state).apply(params.embed, x)
-    return l2_normalize(z) if test_head == "logistic" else z
+  def test_apply(meta_params):
+    """``apply(embed_params, x)``: test features, normalised alone."""
+    _, state = split(meta_params)
+    bound = models.bind(embed, state)
+
+    def apply(embed_params, x):
+      z = bound.apply(embed_params, x)
+      return l2_normalize(z) if test_head == "logistic" else z
+
+    return apply
 
   def adapt(meta_params, episode: Episode, key, training: bool = True):
-    del key, training  # the head's fit is the same in training and test
-    z = jax.lax.stop_gradient(features(meta_params, episode.support_x))
-    y, slots = episode.support_y, episode.support_y.shape[-1]
+    del training  # the head's fit is the same in training and test
+    meta_params = jax.lax.stop_gradient(meta_params)
+    apply, embed_params = test_apply(meta_params), split(meta_params)[0].embed
+    x, y = episode.support_x, episode.support_y
+    z, slots = apply(embed_params, x), y.shape[-1]
     if test_head == "logistic":
-      return logistic_regression(z, y, slots, c=c, steps=finetune_steps)
-    return finetune_head(
-        z, y, slots, kind=test_head, scale=test_scale, steps=finetune_steps,
-        learning_rate=finetune_lr, momentum=momentum, dampening=dampening,
-        weight_decay=weight_decay)
+      fitted = logistic_regression(z, y, slots, c=c, steps=finetune_steps)
+    else:
+      fitted = finetune_head(
+          z, y, slots, kind=test_head, scale=test_scale,
+          steps=finetune_steps, learning_rate=finetune_lr,
+          momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+    if backbone_steps == 0:
+      return fitted
+    return finetune_backbone(
+        apply, embed_params, fitted, x, y, kind=test_kind, scale=test_scale,
+        steps=backbone_steps, learning_rate=backbone_lr,
+        transform=transform, key=key)
 
   def predict(meta_params, task_params: FittedHead, x):
-    logits = head_logits(task_params.head, features(meta_params, x),
+    embed_params = task_params.embed
+    if embed_params is None:
+      embed_params = split(meta_params)[0].embed
+    logits = head_logits(task_params.head,
+                         test_apply(meta_params)(embed_params, x),
                          test_kind, test_scale)
     return _masked(logits, task_params.present)
 

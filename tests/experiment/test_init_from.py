@@ -167,3 +167,29 @@ def test_init_from_must_be_a_path(compose_train):
   with pytest.raises(ConfigError, match="trainer.init_from must be"):
     experiment.validate_config(
         compose_train("experiment=sinusoid_maml", "trainer.init_from=3"))
+
+
+def test_test_time_fine_tuning_of_a_pretrained_baseline(compose_train,
+                                                        tmp_path):
+  """Fine-tuning the backbone on augmented support sets at test, from a
+  Baseline pretraining run on real Omniglot (smoke size): a zero learning
+  rate tests as the frozen backbone does, a positive one otherwise."""
+  small = ("debug=smoke", "model.features=8")
+  pretrained = tmp_path / "baseline"
+  experiment.run_experiment(
+      compose_train("experiment=omniglot_5w1s_baseline", *small,
+                    "trainer.test_episodes=0"), pretrained)
+
+  def test(name, *overrides):
+    cfg = compose_train("experiment=omniglot_5w1s_baseline", *small,
+                        "trainer.num_steps=0", "trainer.test_episodes=8",
+                        f"trainer.init_from={pretrained}", *overrides)
+    return experiment.run_experiment(cfg, tmp_path / name)["test/outer/loss"]
+
+  tuning = ("learner.backbone_steps=3", "augment=omniglot_affine",
+            "learner.backbone_augment=${augment}")
+  frozen = test("frozen")
+  assert test("lr0", *tuning, "learner.backbone_lr=0") == pytest.approx(
+      frozen, rel=1e-5)
+  tuned = test("tuned", *tuning, "learner.backbone_lr=0.1")
+  assert np.isfinite(tuned) and abs(tuned - frozen) > 1e-4

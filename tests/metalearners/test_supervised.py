@@ -202,6 +202,98 @@ def test_adapt_is_deterministic_vmappable_and_masks_absent_slots():
   assert np.all(np.isfinite(np.asarray(logits)[:, :, :3]))
 
 
+def _finetune_reference(embed, embed_params, head, present, x, y, steps,
+                        lr, momentum=0.9):
+  """Backbone and linear head by a hand-written loop: PyTorch's SGD with
+  momentum (buffer = momentum * buffer + gradient) on the masked mean
+  cross-entropy of the support set."""
+
+  def loss(params):
+    w, b, net = params
+    logits = embed.apply(net, x) @ w + b
+    logits = jnp.where(present[None, :], logits, -1e30)
+    return _log_softmax_ce(logits, y)
+
+  params = (head.weights, head.bias, embed_params)
+  buffer = jax.tree.map(jnp.zeros_like, params)
+  for _ in range(steps):
+    grad = jax.grad(loss)(params)
+    buffer = jax.tree.map(lambda m, g: momentum * m + g, buffer, grad)
+    params = jax.tree.map(lambda p, m: p - lr * m, params, buffer)
+  return params
+
+
+def test_backbone_finetuning_matches_a_reference_loop():
+  embed = models.conv4(None, features=8, norm="none")
+  pool = _pool()
+  episode = _episode(pool, ways=3, shots=2, queries=2)
+  frozen = metalearners.baseline(embed, 6, finetune_steps=5)
+  tuned = metalearners.baseline(embed, 6, finetune_steps=5,
+                                backbone_steps=4, backbone_lr=0.5)
+  params = frozen.init(jax.random.key(1), episode)
+  head = frozen.adapt(params, episode, None)
+  assert head.embed is None
+  fit = jax.jit(tuned.adapt)(params, episode, jax.random.key(0))
+  w, b, net = _finetune_reference(
+      embed, params.embed, head.head, head.present, episode.support_x,
+      episode.support_y, 4, 0.5)
+  chex.assert_trees_all_close(fit.embed, net, atol=2e-5, rtol=2e-4)
+  np.testing.assert_allclose(fit.head.weights, w, atol=2e-5, rtol=2e-4)
+  np.testing.assert_allclose(fit.head.bias, b, atol=2e-5, rtol=2e-4)
+  # The backbone moved, and the queries are scored with the moved one.
+  assert max(float(jnp.abs(a - c).max()) for a, c in zip(
+      jax.tree.leaves(net), jax.tree.leaves(params.embed),
+      strict=True)) > 1e-4
+  want = embed.apply(net, episode.query_x) @ w + b
+  got = tuned.predict(params, fit, episode.query_x)
+  present = np.asarray(fit.present)
+  np.testing.assert_allclose(np.asarray(got)[:, present],
+                             np.asarray(want)[:, present], atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [metalearners.baseline,
+                                  metalearners.baseline_pp,
+                                  metalearners.rfs])
+def test_backbone_finetuning_fits_the_support_set_and_keeps_meta_params(
+    make):
+  pool = _pool()
+  episode = _episode(pool, ways=3, shots=2, queries=2)
+  embed = models.conv4(None, features=8, norm="running")
+  frozen = make(embed, 6, finetune_steps=5)
+  tuned = make(embed, 6, finetune_steps=5, backbone_steps=20,
+               backbone_lr=0.05)
+  params = frozen.init(jax.random.key(1), episode)
+  before = jax.tree.map(np.array, params)
+
+  def support_loss(learner):
+    head = learner.adapt(params, episode, jax.random.key(0), training=False)
+    logits = learner.predict(params, head, episode.support_x)
+    return float(_log_softmax_ce(jnp.where(jnp.isneginf(logits), -1e30,
+                                           logits), episode.support_y))
+
+  assert support_loss(tuned) < support_loss(frozen) - 1e-3
+  chex.assert_trees_all_equal(params, before)
+
+
+def test_backbone_finetuning_on_augmented_views_is_a_function_of_the_key():
+  pool = _pool()
+  episode = _episode(pool, ways=3, shots=1, queries=2)
+  learner = metalearners.baseline(
+      models.conv4(None, features=8, norm="none"), 6, finetune_steps=5,
+      backbone_steps=3, backbone_lr=0.05,
+      backbone_augment={"apply_to": "both", "flip": {"prob": 0.5},
+                        "affine": {"max_rotation": 20.0}})
+  params = learner.init(jax.random.key(1), episode)
+  adapt = jax.jit(learner.adapt)
+  a, b = adapt(params, episode, jax.random.key(0)), adapt(
+      params, episode, jax.random.key(0))
+  c = adapt(params, episode, jax.random.key(5))
+  chex.assert_trees_all_equal(a, b)
+  assert not np.allclose(a.head.weights, c.head.weights)
+  with pytest.raises(ValueError, match="needs a key"):
+    learner.adapt(params, episode, None)
+
+
 def test_train_sampler_checks_num_classes_and_draws_global_batches():
   pool = _pool()
   sampler = tasks.episode_sampler(pool, num_ways=3, num_shots=1,
@@ -225,6 +317,11 @@ def test_train_sampler_checks_num_classes_and_draws_global_batches():
     ({"finetune_steps": 0}, "finetune_steps"),
     ({"c": 0.0}, "c must be"),
     ({"dampening": 1.0}, "dampening"),
+    ({"backbone_steps": -1}, "backbone_steps"),
+    ({"backbone_lr": -0.1}, "backbone_lr"),
+    ({"backbone_augment": "flip"}, "backbone_augment must be"),
+    ({"backbone_augment": {"flip": {"p": 0.5}}},
+     r"backbone_augment.flip.p is not an argument"),
 ])
 def test_bad_arguments_are_rejected(kwargs, match):
   args = {"num_classes": 6, **kwargs}
