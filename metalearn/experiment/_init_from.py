@@ -9,6 +9,13 @@ learner's own fields), and by shape. What does not match (a classifier
 head of another size, a learner's own meta-parameters such as Meta-SGD's
 rates or R2-D2's lambda) keeps its fresh initialisation, and the run says
 which.
+
+A self-distilling learner (:class:`~metalearn.metalearners.Distilled`
+meta-parameters: a ``student`` and a fixed ``teacher``) gets the
+checkpoint's network in its ``teacher`` only, whole (every leaf, the
+global head included, or a ``ConfigError``); its student starts fresh, a
+born-again generation. A checkpoint that is itself distilled provides its
+student.
 """
 
 import logging
@@ -33,8 +40,10 @@ HEAD = "head"
 # inside the network is its path with these leading entries removed.
 WRAPPERS = frozenset({
     "meta_params", "params", "model_state", "embed", "model", "encoder",
-    "backbone",
+    "backbone", "student",
 })
+# The fixed network of a self-distilling learner (``Distilled.teacher``).
+TEACHER = "teacher"
 
 
 def _names(path) -> tuple[str, ...]:
@@ -82,7 +91,8 @@ def transplant(
       and named tuples, as :func:`load_checkpoint` returns them).
     modules: the top-level module names of the new run's network (the keys
       of its parameters, ``block0``...``block3``, ``head``): only leaves
-      whose network name starts with one of them are the network's.
+      whose network name starts with one of them are the network's
+      (every leaf of a teacher is, its learner's global head included).
 
   Returns:
     ``(meta_params, copied, kept)``: the meta-parameters with the matching
@@ -93,11 +103,14 @@ def transplant(
 
   Raises:
     ValueError: if two checkpoint leaves have the same network name (the
-      match would be ambiguous), or if a leaf outside the classification
-      head (the module ``head``) has another shape there.
+      match would be ambiguous), if a leaf outside the classification
+      head (the module ``head``) has another shape there, or if a
+      teacher's leaf has no counterpart.
   """
   by_name: dict[tuple[str, ...], Any] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(source)[0]:
+    if TEACHER in _names(path):
+      continue  # A distilled run's network is its student.
     name = network_name(path)
     if name in by_name:
       raise ValueError(
@@ -105,10 +118,16 @@ def transplant(
           "network; cannot tell which to load")
     by_name[name] = leaf
   copied, kept, mismatched = [], [], []
+  teacher = has_teacher(meta_params)
 
   def one(path, leaf):
+    if teacher:  # Only the teacher's leaves, named inside it.
+      names = _names(path)
+      if TEACHER not in names:
+        return leaf
+      path = path[names.index(TEACHER) + 1:]
     name = network_name(path)
-    if not name or name[0] not in modules:
+    if not teacher and (not name or name[0] not in modules):
       return leaf  # A learner's own meta-parameter, not the network's.
     found = by_name.get(name)
     label = "/".join(name)
@@ -128,7 +147,18 @@ def transplant(
     raise ValueError(
         f"{len(mismatched)} network leaves have other shapes in the checkpoint "
         f"(another width or input?): {'; '.join(mismatched[:3])}")
+  if teacher and kept and copied:
+    raise ValueError(
+        f"the teacher must be loaded whole, but {len(kept)} of its leaves "
+        f"have no counterpart of the same shape in the checkpoint: "
+        f"{', '.join(kept[:3])} (another number of classes?)")
   return out, copied, kept
+
+
+def has_teacher(meta_params: PyTree) -> bool:
+  """Whether the meta-parameters hold a ``teacher`` (self-distillation)."""
+  return any(TEACHER in _names(path) for path, _ in
+             jax.tree_util.tree_flatten_with_path(meta_params)[0])
 
 
 def checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
@@ -168,7 +198,8 @@ def load_network(
         f"run's network (its layers: {', '.join(sorted(modules))}); was it "
         "trained with the same model and model.features?")
   log.info("trainer.init_from: loaded %d network leaves of checkpoint %d in "
-           "%s", len(copied), step, directory)
+           "%s%s", len(copied), step, directory,
+           " into the teacher" if has_teacher(meta_params) else "")
   if kept:
     log.warning(
         "trainer.init_from: %d network leaves have no counterpart of the "

@@ -229,6 +229,13 @@ def run_experiment(
         lambda: training.init_state(learner, tx, samplers.train, key))
     if state is None and trainer.get("init_from"):
       state = _pretrained_state(cfg, learner, tx, samplers, key)
+    elif state is None and _init_from.has_teacher(jax.eval_shape(
+        lambda k: training.init_state(learner, tx, samplers.train, k),
+        key).meta_params):
+      raise ConfigError(
+          "trainer.init_from is required: the learner distils "
+          "(learner.kd_weight > 0) from a teacher, the network of a "
+          "previous run (e.g. experiment=omniglot_5w1s_rfs)")
     selection = _select.Selection(
         trainer["select"], metric, direction,
         pathlib.Path(manager.directory) / "best", resumed=state is not None)

@@ -58,11 +58,13 @@ from metalearn.metalearners._r2d2 import (
 )
 from metalearn.metalearners._reptile import ReptileParams, reptile
 from metalearn.metalearners._supervised import (
+    Distilled,
     FittedHead,
     Head,
     SupervisedParams,
     baseline,
     baseline_pp,
+    distillation_loss,
     finetune_backbone,
     finetune_head,
     logistic_regression,
@@ -73,6 +75,7 @@ from metalearn.metalearners._supervised import (
 __all__ = (
     "ContextCache",
     "EpisodePair",
+    "Distilled",
     "FittedHead",
     "Head",
     "InContextParams",
@@ -101,6 +104,7 @@ __all__ = (
     "default_meta_grad",
     "embedding_learner",
     "feature_mixing",
+    "distillation_loss",
     "finetune_backbone",
     "finetune_head",
     "imaml",

@@ -42,6 +42,18 @@ class SupervisedParams(NamedTuple):
   head: Head
 
 
+class Distilled(NamedTuple):
+  """Meta-parameters of a student trained by self-distillation: the
+  ``student``'s (learned; what is tested) and the fixed ``teacher``'s (the
+  previous generation, carried unchanged), each as the learner without
+  distillation has them (:class:`SupervisedParams`, in
+  :class:`WithModelState` with running statistics). ``trainer.init_from``
+  loads a run's network into ``teacher`` and nothing else."""
+
+  student: PyTree
+  teacher: PyTree
+
+
 class FittedHead(NamedTuple):
   """A task's head fitted on its support set: ``head`` (one column per
   slot, one slot per support image) and ``present [slots]``, which slots
@@ -89,6 +101,30 @@ def _slots(labels, num_slots):
 def _cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(
       logits, labels).mean()
+
+
+def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array,
+                      temperature: float) -> jax.Array:
+  r"""Hinton et al.'s distillation loss, as Tian et al. use it.
+
+  :math:`T^2\,\mathrm{KL}(\mathrm{softmax}(t/T)\,\|\,
+  \mathrm{softmax}(s/T))`, summed over classes and averaged over the
+  batch; the :math:`T^2` keeps its gradient's scale independent of
+  :math:`T`. The teacher's logits are constants (no gradient).
+
+  Args:
+    student_logits: ``[n, k]``.
+    teacher_logits: ``[n, k]``.
+    temperature: :math:`T > 0`.
+
+  Returns:
+    The scalar loss.
+  """
+  t = jax.lax.stop_gradient(teacher_logits) / temperature
+  log_p_t = jax.nn.log_softmax(t)
+  log_p_s = jax.nn.log_softmax(student_logits / temperature)
+  kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+  return temperature**2 * jnp.mean(kl)
 
 
 def finetune_head(
@@ -317,6 +353,9 @@ def supervised(
     backbone_steps: int = 0,
     backbone_lr: float = 0.01,
     backbone_augment: Transform | Mapping | None = None,
+    kd_weight: float = 0.0,
+    ce_weight: float = 1.0,
+    kd_temperature: float = 4.0,
 ) -> MetaLearner:
   r"""Supervised pretraining on all classes, then a new head per task.
 
@@ -346,6 +385,16 @@ def supervised(
   - ``"logistic"`` (RFS): :func:`logistic_regression` with ``C=c`` on
     L2-normalised features (Tian et al.: scikit-learn's default
     ``LogisticRegression``), ``finetune_steps`` L-BFGS iterations.
+
+  Self-distillation (``kd_weight > 0``; Tian et al.'s born-again
+  generations): the meta-parameters are :class:`Distilled`, a freshly
+  initialised student and a fixed teacher that ``trainer.init_from``
+  loads from the previous generation's run (its student, for a run that
+  was itself distilled). The pretraining loss is ``ce_weight`` times the
+  cross-entropy plus ``kd_weight`` times :func:`distillation_loss` of the
+  student's global-head logits against the teacher's (the teacher's
+  network normalised by its running statistics, as PyTorch's ``eval()``),
+  at temperature ``kd_temperature``. Tests read the student.
 
   Test-time fine-tuning of the backbone (``backbone_steps > 0``): after
   the head is fitted, backbone and head are trained together on the
@@ -384,9 +433,14 @@ def supervised(
       config: ``learner.backbone_augment=${augment}``; its ``apply_to``
       is ignored, only support images are read).
 
+    kd_weight: the distillation loss's weight (0: no teacher).
+    ce_weight: the cross-entropy's weight.
+    kd_temperature: the distillation temperature.
+
   Returns:
     A :class:`MetaLearner`; meta-parameters :class:`SupervisedParams` (in
-    :class:`WithModelState` with running statistics), task parameters
+    :class:`WithModelState` with running statistics; both in
+    :class:`Distilled` with ``kd_weight > 0``), task parameters
     :class:`FittedHead`.
 
   Raises:
@@ -442,6 +496,12 @@ def supervised(
       backbone_steps, bool) and backbone_steps >= 0,
          f"backbone_steps must be an int >= 0, got {backbone_steps!r}")
   _check(backbone_lr >= 0, f"backbone_lr must be >= 0, got {backbone_lr}")
+  _check(kd_weight >= 0, f"kd_weight must be >= 0, got {kd_weight}")
+  _check(ce_weight >= 0, f"ce_weight must be >= 0, got {ce_weight}")
+  _check(ce_weight + kd_weight > 0, "ce_weight + kd_weight must be > 0")
+  _check(kd_temperature > 0,
+         f"kd_temperature must be > 0, got {kd_temperature}")
+  distill = kd_weight > 0
   transform = _transform(backbone_augment)
   _check(not (embed.transductive or models.uses_support_statistics(embed)),
          "supervised pretraining supports norm='running' or norm='none' "
@@ -450,9 +510,19 @@ def supervised(
   test_kind = "cosine" if test_head == "cosine" else "linear"
 
   def split(meta_params):
+    """``(SupervisedParams, model state)`` of the tested network."""
+    if distill:
+      meta_params = meta_params.student
     return split_model_state(meta_params, stateful)
 
   def init(key, episode: Episode):
+    if not distill:
+      return init_network(key, episode)
+    student_key, teacher_key = jax.random.split(key)
+    return Distilled(init_network(student_key, episode),
+                     init_network(teacher_key, episode))
+
+  def init_network(key, episode: Episode):
     embed_key, head_key = jax.random.split(key)
     x = episode.support_x
     params = embed.init(embed_key, x)
@@ -520,17 +590,37 @@ def supervised(
     params, state = split(meta_params)
     x = jnp.concatenate([episode.support_x, episode.query_x])
     y = jnp.concatenate([episode.support_y, episode.query_y])
+    if distill:  # The teacher's logits, its statistics fixed.
+      teacher, teacher_state = split_model_state(meta_params.teacher,
+                                                 stateful)
+      teacher_logits = head_logits(
+          teacher.head,
+          models.bind(embed, teacher_state).apply(teacher.embed, x),
+          train_head, train_scale)
 
     def loss_fn(params):
       z, new = models.forward(embed, params.embed, state, x, training=True)
       logits = head_logits(params.head, z, train_head, train_scale)
       loss, metrics = task_loss(logits, y)
+      if distill:
+        kd = distillation_loss(logits, teacher_logits, kd_temperature)
+        loss = ce_weight * loss + kd_weight * kd
+        metrics = {**metrics, "outer/kd_loss": kd}
       return loss, (metrics, new)
 
     grads, (metrics, new) = jax.grad(loss_fn, has_aux=True)(params)
     if stateful:  # the carried entry is the new value (MetaLearner.carried)
       grads = WithModelState(grads, jax.lax.stop_gradient(new))
+    if distill:  # The teacher is carried: its new value is its value.
+      grads = Distilled(grads, jax.lax.stop_gradient(meta_params.teacher))
     return grads, metrics
+
+  def carried(meta_params):
+    """The student's running statistics and the whole teacher."""
+    student = (with_model_state()(meta_params.student) if stateful else
+               jax.tree.map(lambda _: False, meta_params.student))
+    return Distilled(student, jax.tree.map(lambda _: True,
+                                           meta_params.teacher))
 
   def train_sampler(sampler):
     pool = sampler.data
@@ -544,8 +634,11 @@ def supervised(
            f"{have}")
     return batch_sampler(pool, batch_size)
 
-  return make_learner(init, adapt, evaluate, meta_grad,
-                      with_model_state() if stateful else None, predict,
+  if distill:
+    mark = carried
+  else:
+    mark = with_model_state() if stateful else None
+  return make_learner(init, adapt, evaluate, meta_grad, mark, predict,
                       False, train_sampler=train_sampler)
 
 
@@ -578,11 +671,13 @@ def baseline_pp(embed: Model, num_classes: int, **kwargs) -> MetaLearner:
 
 
 def rfs(embed: Model, num_classes: int, **kwargs) -> MetaLearner:
-  """Tian et al.'s RFS (without self-distillation): a linear head in
-  pretraining, logistic regression on L2-normalised features at test.
+  """Tian et al.'s RFS: a linear head in pretraining, logistic regression
+  on L2-normalised features at test.
 
   :func:`supervised` with ``train_head="linear"``,
-  ``test_head="logistic"``.
+  ``test_head="logistic"``; RFS-distill's later generations add
+  ``kd_weight`` (Tian et al.: ``ce_weight=0.5, kd_weight=0.5,
+  kd_temperature=4``) and a teacher run in ``trainer.init_from``.
 
   References:
     Tian, Wang, Krishnan, Tenenbaum & Isola, `Rethinking Few-Shot Image

@@ -42,6 +42,38 @@ def test_transplant_matches_by_name_inside_the_network_and_shape():
   assert kept == ["head/kernel"]  # 40 classes there, 5 ways here
 
 
+def _net(value, classes=4):
+  return metalearners.WithModelState(
+      metalearners.SupervisedParams(
+          {"block0": {"kernel": np.full((3, 2), value, np.float32)}},
+          metalearners.Head(np.full((2, classes), value, np.float32),
+                            np.full((classes,), value, np.float32))),
+      {"block0": {"mean": np.full((2,), value, np.float32)}})
+
+
+def test_transplant_loads_a_teacher_whole_and_reads_a_students_network():
+  modules = {"block0", "head"}
+  fresh = metalearners.Distilled(_net(0.0), _net(0.0))
+  out, copied, kept = _init_from.transplant(fresh, _net(3.0), modules)
+  assert _init_from.has_teacher(fresh) and not kept and len(copied) == 4
+  for leaf in jax.tree.leaves(out.teacher):
+    np.testing.assert_array_equal(leaf, 3.0)
+  for leaf in jax.tree.leaves(out.student):  # born again: fresh
+    np.testing.assert_array_equal(leaf, 0.0)
+  # A distilled checkpoint provides its student, not its own teacher.
+  source = metalearners.Distilled(_net(5.0), _net(3.0))
+  out, _, _ = _init_from.transplant(fresh, source, modules)
+  for leaf in jax.tree.leaves(out.teacher):
+    np.testing.assert_array_equal(leaf, 5.0)
+  plain, _, _ = _init_from.transplant(_net(0.0), source, modules)
+  for leaf in jax.tree.leaves(plain):
+    np.testing.assert_array_equal(leaf, 5.0)
+  # A teacher with a head of another size would be half loaded.
+  with pytest.raises(ValueError, match="teacher must be loaded whole.*"
+                     "head/weights"):
+    _init_from.transplant(fresh, _net(3.0, classes=6), modules)
+
+
 def test_ambiguous_checkpoint_names_are_refused():
   source = {"model": {"block0": {"k": np.ones(2)}},
             "embed": {"block0": {"k": np.ones(2)}}}
@@ -193,3 +225,44 @@ def test_test_time_fine_tuning_of_a_pretrained_baseline(compose_train,
       frozen, rel=1e-5)
   tuned = test("tuned", *tuning, "learner.backbone_lr=0.1")
   assert np.isfinite(tuned) and abs(tuned - frozen) > 1e-4
+
+
+def test_rfs_distill_generations_on_omniglot(compose_train, tmp_path,
+                                             caplog):
+  """RFS, then two born-again generations on real Omniglot (smoke size):
+  each teacher is the previous run's (student) network, fixed."""
+  small = ("debug=smoke", "model.features=8", "trainer.test_episodes=0")
+  experiment.run_experiment(
+      compose_train("experiment=omniglot_5w1s_rfs", *small),
+      tmp_path / "gen0")
+  with pytest.raises(ConfigError, match="init_from=<required: a run "
+                     "directory of experiment=omniglot_5w1s_rfs>"):
+    experiment.run_experiment(
+        compose_train("experiment=omniglot_5w1s_rfs-distill", *small),
+        tmp_path / "missing")
+  with pytest.raises(ConfigError, match="trainer.init_from is required: "
+                     "the learner distils"):
+    experiment.run_experiment(
+        compose_train("experiment=omniglot_5w1s_rfs", *small,
+                      "learner.kd_weight=0.5"), tmp_path / "missing2")
+  previous = experiment.load_checkpoint(tmp_path / "gen0" / "checkpoints")[1]
+  previous = previous["meta_params"]
+  for generation in ("gen1", "gen2"):
+    cfg = compose_train("experiment=omniglot_5w1s_rfs-distill", *small,
+                        f"trainer.init_from={tmp_path / 'gen0'}"
+                        if generation == "gen1" else
+                        f"trainer.init_from={tmp_path / 'gen1'}")
+    with caplog.at_level(logging.INFO, logger="metalearn.experiment"):
+      results = experiment.run_experiment(cfg, tmp_path / generation)
+    # 4 blocks' conv and batch-norm leaves, running statistics, the head.
+    assert "loaded 26 network leaves of checkpoint 2" in caplog.text
+    assert "into the teacher" in caplog.text
+    assert results["steps"] == 2
+    _, saved = experiment.load_checkpoint(
+        tmp_path / generation / "checkpoints")
+    saved = saved["meta_params"]
+    jax.tree.map(np.testing.assert_array_equal, saved["teacher"], previous)
+    assert not np.allclose(saved["student"]["params"]["head"]["weights"],
+                           saved["teacher"]["params"]["head"]["weights"])
+    previous = saved["student"]
+    caplog.clear()

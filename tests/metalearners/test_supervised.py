@@ -294,6 +294,83 @@ def test_backbone_finetuning_on_augmented_views_is_a_function_of_the_key():
     learner.adapt(params, episode, None)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_distillation_loss_is_the_scaled_kl_divergence(temperature):
+  rng = np.random.default_rng(0)
+  s, t = rng.normal(size=(2, 5, 7)) * 3.0
+  loss, grad = jax.value_and_grad(metalearners.distillation_loss)(
+      jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), temperature)
+  p_s, p_t = _softmax(s / temperature), _softmax(t / temperature)
+  kl = np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=1)
+  np.testing.assert_allclose(loss, temperature**2 * kl.mean(), rtol=1e-5)
+  # d/ds: T (p_s - p_t) / n; no gradient reaches the teacher's logits.
+  np.testing.assert_allclose(grad, temperature * (p_s - p_t) / 5,
+                             atol=1e-6)
+  assert float(jax.grad(metalearners.distillation_loss, 1)(
+      s, t, temperature).sum()) == 0.0
+  assert float(metalearners.distillation_loss(s, s, temperature)) == (
+      pytest.approx(0.0, abs=1e-6))
+
+
+def test_distilled_meta_grad_and_step_train_the_student_alone():
+  """The student's gradient is that of 0.5 CE + 0.5 KD against the
+  teacher's eval-mode logits; a meta-step leaves the teacher as it is."""
+  embed = models.conv4(None, features=8, norm="running")
+  pool = _pool()
+  sampler = tasks.episode_sampler(pool, num_ways=3, num_shots=1,
+                                  num_queries=1)
+  learner = metalearners.rfs(embed, 6, batch_size=10, kd_weight=0.5,
+                             ce_weight=0.5, kd_temperature=4.0)
+  batches = learner.train_sampler(sampler)
+  batch = batches.sample(jax.random.key(0), batches.data)
+  params = learner.init(jax.random.key(1), batch)
+  assert isinstance(params, metalearners.Distilled)
+  student, teacher = params.student, params.teacher
+  x, y = batch.support_x, batch.support_y
+  t_net = models.bind(embed, teacher.model_state)
+  t_logits = t_net.apply(teacher.params.embed, x) @ (
+      teacher.params.head.weights) + teacher.params.head.bias
+
+  def reference(p):
+    z, _ = models.forward(embed, p.embed, student.model_state, x,
+                          training=True)
+    logits = z @ p.head.weights + p.head.bias
+    p_t = jax.nn.softmax(t_logits / 4.0)
+    kl = jnp.sum(p_t * (jnp.log(p_t) - jax.nn.log_softmax(logits / 4.0)),
+                 -1)
+    return 0.5 * _log_softmax_ce(logits, y) + 0.5 * 16.0 * jnp.mean(kl)
+
+  grads, metrics = jax.jit(learner.meta_grad)(params, batch, None)
+  chex.assert_trees_all_close(grads.student.params,
+                              jax.grad(reference)(student.params),
+                              atol=1e-5, rtol=1e-4)
+  assert float(metrics["outer/kd_loss"]) > 0.0
+  chex.assert_trees_all_equal(grads.teacher, teacher)
+  marks = learner.carried(params)
+  assert all(jax.tree.leaves(marks.teacher))
+  assert all(jax.tree.leaves(marks.student.model_state))
+  assert not any(jax.tree.leaves(marks.student.params))
+
+  tx = optax.adam(1e-2)
+  state = training.init_state(learner, tx, batches, jax.random.key(1))
+  step = jax.jit(training.make_meta_step(learner, tx, batches,
+                                         meta_batch_size=1))
+  new, _ = step(state, batches.data, jax.random.key(3))
+  chex.assert_trees_all_equal(new.meta_params.teacher,
+                              state.meta_params.teacher)
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
+                       new.meta_params.student.params,
+                       state.meta_params.student.params)
+  assert min(jax.tree.leaves(moved)) > 0.0
+  # Tests read the student.
+  episode = sampler.sample(jax.random.key(4), pool)
+  fit = learner.adapt(new.meta_params, episode, None, training=False)
+  plain = metalearners.rfs(embed, 6)
+  chex.assert_trees_all_close(
+      fit, plain.adapt(new.meta_params.student, episode, None,
+                       training=False), atol=1e-6)
+
+
 def test_train_sampler_checks_num_classes_and_draws_global_batches():
   pool = _pool()
   sampler = tasks.episode_sampler(pool, num_ways=3, num_shots=1,
@@ -318,6 +395,9 @@ def test_train_sampler_checks_num_classes_and_draws_global_batches():
     ({"c": 0.0}, "c must be"),
     ({"dampening": 1.0}, "dampening"),
     ({"backbone_steps": -1}, "backbone_steps"),
+    ({"kd_weight": -1.0}, "kd_weight"),
+    ({"kd_weight": 0.5, "kd_temperature": 0.0}, "kd_temperature"),
+    ({"ce_weight": 0.0}, "ce_weight \\+ kd_weight"),
     ({"backbone_lr": -0.1}, "backbone_lr"),
     ({"backbone_augment": "flip"}, "backbone_augment must be"),
     ({"backbone_augment": {"flip": {"p": 0.5}}},
