@@ -56,8 +56,10 @@ def squared_distances(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def cosine_similarities(a: jax.Array, b: jax.Array) -> jax.Array:
   """``[n, m]`` cosine similarities between rows of a and b (a zero row
-  has similarity 0 to everything)."""
-  eps = jnp.finfo(a.dtype).tiny
+  has similarity 0 to everything, and a finite gradient: squared norms
+  are floored at 1e-24, whose ``rsqrt`` derivative is still finite in
+  float32, so no ``0 * inf`` appears)."""
+  eps = 1e-24
 
   def unit(x):
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True),

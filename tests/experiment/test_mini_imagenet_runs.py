@@ -75,3 +75,23 @@ def test_experiment_runs_on_generated_mini_imagenet(
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["task"]["dataset"] == "mini_imagenet"
   assert saved["task"]["num_shots"] == shots
+
+
+@pytest.mark.parametrize("second", ["rfs-distill", "meta-baseline"])
+def test_two_stage_files_run_from_an_rfs_run_on_generated_mini_imagenet(
+    compose_train, tmp_path, mini_dir, second
+):
+  """The files that start from a pretraining run (``trainer.init_from``):
+  RFS-distill's next generation and Meta-Baseline, from an RFS run."""
+  small = ("debug=smoke", f"data_dir={mini_dir}", f"task.image_size={SIZE}",
+           *LEARNERS["rfs"], "trainer.val_episodes=2")
+  experiment.run_experiment(
+      compose_train("experiment=mini_imagenet_5w5s_rfs", *small,
+                    "trainer.test_episodes=0"), tmp_path / "rfs")
+  name = f"mini_imagenet_5w5s_{second}"
+  results = experiment.run_experiment(
+      compose_train(f"experiment={name}", *small,
+                    f"trainer.init_from={tmp_path / 'rfs'}"),
+      tmp_path / "second")
+  assert (results["name"], results["steps"]) == (name, 2)
+  assert 0.0 <= results["test/outer/accuracy"] <= 1.0

@@ -100,3 +100,27 @@ def test_a_fixed_temperature_keeps_protonet_parameters():
 def test_bad_arguments_fail_in_one_line(kwargs, match):
   with pytest.raises(ValueError, match=match):
     metalearners.protonet(models.conv4(None), **kwargs)
+
+
+def test_a_zero_embedding_has_a_finite_gradient():
+  """A ReLU network can embed an image to exactly zero (a narrow ResNet
+  did, on generated data); its cosine similarity is 0 and the gradient
+  must stay finite rather than 0 * inf."""
+  from metalearn.metalearners._protonet import cosine_similarities
+
+  a = np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 0.5]], np.float32)
+  b = np.array([[0.5, -1.0, 2.0], [0.0, 0.0, 0.0]], np.float32)
+  sims = cosine_similarities(a, b)
+  np.testing.assert_allclose(sims[0], 0.0)
+  np.testing.assert_allclose(sims[:, 1], 0.0)
+  grads = jax.grad(lambda a, b: (3.0 * cosine_similarities(a, b)).sum(),
+                   argnums=(0, 1))(a, b)
+  for g in grads:
+    assert np.all(np.isfinite(np.asarray(g)))
+  # Nonzero rows keep the cosine's gradient (checked by finite differences).
+  eps = 1e-3
+  bumped = a.copy()
+  bumped[1, 0] += eps
+  fd = (cosine_similarities(bumped, b).sum()
+        - cosine_similarities(a, b).sum()) / eps
+  np.testing.assert_allclose(grads[0][1, 0] / 3.0, fd, rtol=2e-2)
