@@ -190,10 +190,11 @@ def run_population(
   cfg = _config.validate_config(config)
   members, population = member_configs(cfg)
   trainer = cfg["trainer"]
-  if trainer.get("init_from"):
+  if trainer.get("init_from") or (cfg["learner"].get("kd_weight") or 0) > 0:
     raise ConfigError(
-        "trainer.init_from is not supported with a population: run the "
-        "members separately (metalearn-train -m) to start them from a "
+        "trainer.init_from (and self-distillation, learner.kd_weight > 0, "
+        "whose teacher it loads) is not supported with a population: run "
+        "the members separately (metalearn-train -m) to start them from a "
         "checkpoint")
   member_map = cfg["population"].get("member_map") or "auto"
   for member in members:  # Each member's own checks, with its values.

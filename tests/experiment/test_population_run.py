@@ -90,6 +90,14 @@ def test_bad_populations_fail_in_one_line(compose_train, tmp_path, override,
     experiment.run_population(cfg, tmp_path)
 
 
+def test_a_distilling_population_fails_in_one_line(compose_train, tmp_path):
+  cfg = compose_train("experiment=omniglot_5w1s_rfs", "debug=smoke",
+                      "learner.kd_weight=0.5", "population.seeds=[0,1]")
+  with pytest.raises(experiment.ConfigError,
+                     match=r"self-distillation, learner.kd_weight > 0"):
+    experiment.run_population(cfg, tmp_path)
+
+
 def test_protonet_has_no_inner_lr_to_sweep(compose_train, tmp_path):
   cfg = compose_train("debug=smoke", "learner=protonet",
                       "model=conv4_protonet", "population.inner_lr=[0.1]")
