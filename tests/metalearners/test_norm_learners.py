@@ -92,11 +92,14 @@ def test_support_norm_learners_carry_nothing_and_train_as_they_test(name):
   _, metrics = jax.jit(learner.meta_grad)(params, ep, key)
   if name != "reptile":  # Reptile's meta-test adaptation has its own steps.
     np.testing.assert_allclose(metrics["outer/loss"], test_loss, rtol=2e-5)
-  # A query's outputs do not depend on the other queries.
+  # A query's outputs do not depend on the other queries. Up to float
+  # rounding: XLA:CPU may pick other kernels for a batch of 1 on some
+  # CPUs; normalising with the queries' statistics would move the outputs
+  # by orders of magnitude more.
   predict = jax.jit(learner.predict)
   full = predict(params, task_params, ep.query_x)
   alone = predict(params, task_params, ep.query_x[:1])
-  np.testing.assert_array_equal(full[:1], alone)
+  np.testing.assert_allclose(full[:1], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_support_norm_meta_gradient_flows_through_the_statistics():
