@@ -173,7 +173,8 @@ def load_network(
 ) -> PyTree:
   """``trainer.init_from``: the run's meta-parameters with the network of
   the latest checkpoint under ``path`` (a run directory or a checkpoint
-  directory) loaded into them.
+  directory; ``<run>/checkpoints/best`` for the best validated state of a
+  ``trainer.select=best_val`` run) loaded into them.
 
   Raises:
     ConfigError: naming ``trainer.init_from``, if there is no checkpoint
@@ -187,6 +188,8 @@ def load_network(
     step, tree = _checkpoint.load_checkpoint(directory)
   except FileNotFoundError as e:
     raise ConfigError(f"trainer.init_from={path}: {e}") from e
+  if isinstance(tree, Mapping) and "state" in tree and "value" in tree:
+    tree = tree["state"]  # The best validated state (checkpoints/best).
   source = tree["meta_params"] if isinstance(tree, Mapping) else tree
   try:
     out, copied, kept = transplant(meta_params, source, modules)

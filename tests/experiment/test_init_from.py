@@ -144,6 +144,23 @@ def test_zero_steps_test_the_loaded_network_untrained(compose_train,
                tested["meta_params"]["model"], saved["meta_params"])
 
 
+def test_the_best_validated_state_can_be_loaded(compose_train, tmp_path):
+  """``init_from=<run>/checkpoints/best`` loads the state that a
+  ``best_val`` run tested, not its last one."""
+  cfg = compose_train("experiment=sinusoid_maml", *FAST,
+                      "trainer.num_steps=3", "trainer.select=best_val",
+                      "trainer.eval_every=1", "trainer.val_episodes=4")
+  experiment.run_experiment(cfg, tmp_path / "source")
+  best = tmp_path / "source" / "checkpoints" / "best"
+  _, saved = experiment.load_checkpoint(best)
+  cfg = compose_train("experiment=sinusoid_maml", *FAST,
+                      "trainer.num_steps=0", f"trainer.init_from={best}")
+  experiment.run_experiment(cfg, tmp_path / "loaded")
+  _, loaded = experiment.load_checkpoint(tmp_path / "loaded" / "checkpoints")
+  jax.tree.map(np.testing.assert_array_equal, loaded["meta_params"],
+               saved["state"]["meta_params"])
+
+
 def test_a_network_of_another_width_fails_in_one_line(compose_train,
                                                       tmp_path, maml_run):
   cfg = compose_train("experiment=sinusoid_metasgd", *FAST,
