@@ -143,12 +143,15 @@ def test_from_nnx_matches_the_module():
       params, state, x, True)
   net = _NNXNet(nnx.Rngs(1))
   net.train()
-  np.testing.assert_allclose(out, net(x), rtol=1e-6)
+  # Jitted against eager: equal up to float rounding (the fused kernels
+  # XLA:CPU picks differ between CPUs by an ulp or so).
+  tol = {"rtol": 1e-5, "atol": 1e-6}
+  np.testing.assert_allclose(out, net(x), **tol)
   np.testing.assert_allclose(new["norm"]["mean"][...],
-                             net.norm.mean[...], rtol=1e-6)
+                             net.norm.mean[...], **tol)
   net.eval()
   np.testing.assert_allclose(models.bind(model, new).apply(params, x),
-                             net(x), rtol=1e-6)
+                             net(x), **tol)
   # init follows its key.
   assert not all(
       np.allclose(a, b) for a, b in zip(
