@@ -5,22 +5,44 @@ import jax
 import jax.numpy as jnp
 
 
+def _window_slices(x: jax.Array) -> tuple[jax.Array, ...]:
+  """The four strided slices of ``x``'s 2x2 windows, in row-major window
+  order (top left, top right, bottom left, bottom right)."""
+  *_, h, w, _ = x.shape
+  x = x[..., : h - h % 2, : w - w % 2, :]
+  return (x[..., 0::2, 0::2, :], x[..., 0::2, 1::2, :],
+          x[..., 1::2, 0::2, :], x[..., 1::2, 1::2, :])
+
+
+@jax.custom_jvp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 max-pooling with stride 2 (floor mode), as the element-wise
-  maximum of the window's four strided slices.
+  """2x2 max-pooling with stride 2 (floor mode).
 
-  Equivalent to ``flax.linen.max_pool(x, (2, 2), (2, 2))`` with VALID padding,
-  but its gradient is several times faster on XLA:CPU than the
-  ``lax.reduce_window`` that flax uses (see ``benchmarks/README.md``).
-  Tied inputs share the gradient equally (``jnp.maximum``'s rule), rather
-  than only the first one receiving it.
+  Equivalent to ``flax.linen.max_pool(x, (2, 2), (2, 2))`` with VALID
+  padding, values and gradients alike: the gradient of a window goes to
+  its first maximum in row-major order (as ``lax.reduce_window`` and
+  PyTorch's ``max_pool2d`` give it), and it is several times faster on
+  XLA:CPU (``benchmarks/README.md``, "Speed and memory").
 
-  The slices, rather than a reshape to ``[..., H/2, 2, W/2, 2, C]`` and a
-  ``max`` over the two window axes, keep a reduction out of the gradient:
-  jaxlib 0.10.2's XLA:CPU fuses that reduction's backward pass with the
-  surrounding dots into a YNN fusion that crashes (jax-ml/jax#40412; it
-  killed ResNet-12 ProtoNet meta-gradients), and the slices' gradient is
-  also faster there.
+  How, and why:
+
+  - The forward pass is the element-wise maximum of the window's four
+    strided slices. A ``max`` over the window axes of a reshape to
+    ``[..., H/2, 2, W/2, 2, C]`` puts a reduction in the backward pass,
+    which jaxlib 0.10.2's XLA:CPU fused with the surrounding dots into a
+    YNN fusion that crashed (jax-ml/jax#40412; it killed ResNet-12
+    ProtoNet meta-gradients).
+  - The derivative is a custom JVP: the tangent of the window's first
+    maximum, picked by a one-hot mask over the reshaped windows. Its
+    transpose, the gradient, is then one element-wise pass over the
+    input's shape (broadcast the cotangent to the window, keep it at the
+    mask). Differentiating the slices instead (``jnp.maximum``'s rule)
+    transposes into four interior-padded pads, and their sum, with the
+    batch norm and ReLU before the pool recomputed in each, was the
+    costliest non-convolution fusion of a Conv-4 meta-gradient.
+  - Being a JVP, it serves forward mode and every order of reverse mode
+    (second-order MAML differentiates the gradient again; the mask is
+    piecewise constant, so it contributes nothing further).
 
   Args:
     x: ``[..., H, W, C]``.
@@ -28,11 +50,23 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   Returns:
     ``[..., H // 2, W // 2, C]``.
   """
-  *_, h, w, _ = x.shape
-  x = x[..., : h - h % 2, : w - w % 2, :]
-  top = jnp.maximum(x[..., 0::2, 0::2, :], x[..., 0::2, 1::2, :])
-  bottom = jnp.maximum(x[..., 1::2, 0::2, :], x[..., 1::2, 1::2, :])
-  return jnp.maximum(top, bottom)
+  a, b, c, d = _window_slices(x)
+  return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+
+
+@max_pool_2x2.defjvp
+def _max_pool_2x2_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  a, b, c, d = _window_slices(x)
+  y = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+  # Which of the four holds the window's first maximum (3 also for NaN).
+  first = jnp.where(a == y, 0, jnp.where(b == y, 1, jnp.where(c == y, 2, 3)))
+  first = first.astype(jnp.int8)[..., :, None, :, None, :]
+  position = jnp.arange(4, dtype=jnp.int8).reshape(2, 1, 2, 1)
+  *lead, h, w, ch = t.shape
+  h2, w2 = h // 2, w // 2
+  windows = t[..., : 2 * h2, : 2 * w2, :].reshape(*lead, h2, 2, w2, 2, ch)
+  return y, jnp.sum(jnp.where(first == position, windows, 0), axis=(-4, -2))
 
 
 class BatchNorm(nn.Module):

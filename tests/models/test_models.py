@@ -86,11 +86,24 @@ def test_max_pool_2x2_equals_flax(shape):
   got = models.max_pool_2x2(x)
   assert got.shape == want.shape
   np.testing.assert_array_equal(got, want)
-  # Without ties, the gradients agree too.
   grad = jax.grad(lambda x, f: jnp.sum(f(x) * jnp.cos(f(x))))
+  flax_pool = lambda x: nn.max_pool(x, (2, 2), (2, 2), "VALID")  # noqa: E731
+  # Ties (rounded inputs, and all-zero windows as after a ReLU) give the
+  # gradient to the window's first maximum, as reduce_window does.
+  for inputs in (x, jnp.round(x), jnp.maximum(jnp.round(x), 0.0)):
+    np.testing.assert_allclose(
+        grad(inputs, models.max_pool_2x2), grad(inputs, flax_pool),
+        rtol=1e-6,
+    )
+  # Second order (the gradient differentiated again) and forward mode.
+  grad2 = jax.grad(lambda x, f: jnp.sum(jnp.sin(grad(x, f))))
   np.testing.assert_allclose(
-      grad(x, models.max_pool_2x2),
-      grad(x, lambda x: nn.max_pool(x, (2, 2), (2, 2), "VALID")),
+      grad2(x, models.max_pool_2x2), grad2(x, flax_pool), rtol=1e-6
+  )
+  t = _normal(shape, 1)
+  np.testing.assert_allclose(
+      jax.jvp(models.max_pool_2x2, (x,), (t,))[1],
+      jax.jvp(flax_pool, (x,), (t,))[1],
       rtol=1e-6,
   )
 
