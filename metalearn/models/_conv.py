@@ -9,6 +9,11 @@ figures). :func:`conv2d` is the same function as
 ``lax.conv_general_dilated`` but its VJP computes both gradients as
 canonical convolutions of explicitly transposed arrays, by calling itself,
 so gradients of gradients (second-order MAML) are canonical too.
+
+On CPU the weight gradient of an ordinary (stride-1, undilated)
+convolution is instead one matrix product of the input's patches with the
+cotangent, about twice as fast as its convolution form there; its own
+derivatives are convolutions again.
 """
 
 import functools

@@ -71,7 +71,8 @@ def test_conv_in_scan_smoke(bench, tmp_path):
 def test_pooling_smoke(bench, tmp_path):
   result = _run(bench["pooling"], tmp_path)
   assert result["benchmark"] == "pooling"
-  assert [r["op"] for r in result["results"]] == ["forward", "gradient"]
+  assert [r["op"] for r in result["results"]] == [
+      "forward", "gradient", "block_gradient"]
   for r in result["results"]:
     assert r["reduce_window_ms"] > 0 and r["reshape_max_ms"] > 0
     assert r["speedup"] == pytest.approx(
@@ -79,6 +80,9 @@ def test_pooling_smoke(bench, tmp_path):
     )
     assert r["slices_vs_reshape"] == pytest.approx(
         r["reshape_max_ms"] / r["slices_max_ms"]
+    )
+    assert r["slices_vs_custom_jvp"] == pytest.approx(
+        r["slices_max_ms"] / r["custom_jvp_ms"]
     )
 
 
