@@ -36,8 +36,11 @@ that wait for a busy core slow PyTorch down several times. With
 ``--with-metalearn``, each learner's metalearn meta-step is timed by
 ``throughput.py``'s worker (same settings, ``task_map="auto"``) right
 before or after the peer, alternating the order every round, so the ratios
-come from one session. The peer runs in its own virtualenv, created once
-with ``--setup`` and never a dependency of metalearn.
+come from one session; the run also measures the XLA float32 matmul peak
+and XLA's FLOP count of each learner's task (``throughput.py``'s), so
+both sides' tasks/s are also given as a share of that peak. The peer runs
+in its own virtualenv, created once with ``--setup`` and never a
+dependency of metalearn.
 
 Usage:
   python benchmarks/peer_learn2learn.py --setup /tmp/l2l-venv
@@ -394,16 +397,37 @@ def spawn_peer(args, name: str) -> dict:
       return json.load(f)
 
 
-def _metalearn_runner(args):
-  """``name -> row`` timing metalearn through ``throughput.py``'s worker."""
+def _throughput_args(args):
   import throughput
 
-  targs = throughput.parse_args([
+  return throughput.parse_args([
       "--batch", str(args.batch), "--ways", str(args.ways),
       "--shots", str(args.shots), "--queries", str(args.queries),
       "--repeats", str(args.repeats), "--warmup", str(args.warmup),
   ] + (["--pool-classes", str(2 * args.ways)] if args.smoke else []))
+
+
+def _metalearn_runner(args):
+  """``name -> row`` timing metalearn through ``throughput.py``'s worker."""
+  import throughput
+
+  targs = _throughput_args(args)
   return lambda name: throughput.spawn_worker(targs, name, "auto")
+
+
+def measure_work(args) -> dict:
+  """The matmul peak (GFLOP/s) and each learner's GFLOP per task, measured
+  by ``throughput.py``'s functions in this (pinned) process."""
+  import throughput
+
+  targs = _throughput_args(args)
+  size = 256 if args.smoke else targs.matmul_size
+  return {
+      "matmul_peak_gflops": throughput.matmul_peak_gflops(
+          size, args.repeats),
+      "gflop_per_task": {n: throughput.flops_per_task(n, targs) / 1e9
+                         for n in args.learners},
+  }
 
 
 def measure(args) -> list[dict]:
@@ -443,7 +467,25 @@ def _gb(n):
   return None if n is None else n / 1e9
 
 
-def report(args, machine, rows) -> None:
+def _peak_share(tasks_per_s, gflop, peak):
+  if tasks_per_s is None or not gflop or not peak:
+    return None
+  return 100 * tasks_per_s * gflop / peak
+
+
+def add_peak_shares(rows, work) -> None:
+  """Adds each row's GFLOP per task and both sides' % of the matmul peak
+  (metalearn's, and learn2learn's compute-only)."""
+  for r in rows:
+    gflop = work["gflop_per_task"][r["learner"]]
+    r["gflop_per_task"] = gflop
+    for side, key in (("metalearn", "metalearn_tasks_per_s"),
+                      ("l2l_compute_only", "l2l_compute_only_tasks_per_s")):
+      r[f"{side}_peak_percent"] = _peak_share(
+          r[key], gflop, work["matmul_peak_gflops"])
+
+
+def report(args, machine, rows, work=None) -> None:
   print(f"\nOmniglot {args.ways}-way {args.shots}-shot, {args.queries} "
         f"queries, meta-batch {args.batch}, Conv-4 (64, max-pool); median "
         f"of {args.repeats} steps, over {args.rounds} round(s); "
@@ -464,6 +506,17 @@ def report(args, machine, rows) -> None:
         _gb(r["metalearn_peak_rss_bytes"]), _gb(r["l2l_peak_rss_bytes"])]
        for r in rows],
   ))
+  if work:
+    peak = work["matmul_peak_gflops"]
+    print(f"\nShare of the XLA float32 matmul peak of this run "
+          f"({peak:.0f} GFLOP/s), with XLA's FLOP count of one task:\n")
+    print(_harness.markdown_table(
+        ["learner", "GFLOP/task (XLA)", "metalearn % of peak",
+         "learn2learn compute-only % of peak"],
+        [[LEARNERS[r["learner"]][0], r["gflop_per_task"],
+          r["metalearn_peak_percent"], r["l2l_compute_only_peak_percent"]]
+         for r in rows],
+    ))
 
 
 def main(argv=None) -> int:
@@ -480,11 +533,15 @@ def main(argv=None) -> int:
              "load_average_1m": round(os.getloadavg()[0], 2)}
   if args.with_metalearn:
     machine.update(_harness.machine_info(), cpus=cpus)
+  work = measure_work(args) if args.with_metalearn else None
   rows = measure(args)
+  if work:
+    machine["matmul_peak_gflops"] = work["matmul_peak_gflops"]
+    add_peak_shares(rows, work)
   first = rows[0]["peer_runs"][0]
   machine.update({k: first[k] for k in ("torch", "torchvision",
                                         "learn2learn")})
-  report(args, machine, rows)
+  report(args, machine, rows, work)
   config = {k: v for k, v in vars(args).items()
             if k not in ("out", "worker", "setup", "sdist")}
   config["sdist_sha256"] = _sdist_sha256(args.venv)

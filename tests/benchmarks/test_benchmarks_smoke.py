@@ -463,3 +463,12 @@ def test_peer_medians_and_memory_columns(bench, monkeypatch, capsys):
   mod.report(args, {"cpu": "x", "cpus": [0], "load_average_1m": 0}, [row])
   line = capsys.readouterr().out.strip().splitlines()[-1]
   assert line.startswith("| MAML k=1 | 10") and line.endswith("| 2 | 5 |")
+  # Shares of the matmul peak: 10 and 8 tasks/s of 5 GFLOP at 200 GFLOP/s.
+  work = {"matmul_peak_gflops": 200.0, "gflop_per_task": {"maml1": 5.0}}
+  mod.add_peak_shares([row], work)
+  assert row["metalearn_peak_percent"] == pytest.approx(25.0)
+  assert row["l2l_compute_only_peak_percent"] == pytest.approx(20.0)
+  mod.report(args, {"cpu": "x", "cpus": [0], "load_average_1m": 0}, [row],
+             work)
+  line = capsys.readouterr().out.strip().splitlines()[-1]
+  assert line == "| MAML k=1 | 5 | 25.0 | 20.0 |"
