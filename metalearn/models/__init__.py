@@ -12,7 +12,7 @@ from metalearn.models._base import (
     uses_support_statistics,
 )
 from metalearn.models._conv import conv2d
-from metalearn.models._layers import BatchNorm, max_pool_2x2
+from metalearn.models._layers import BatchNorm, max_pool_2x2, standardize
 from metalearn.models._nets import Conv4, ResNet12, conv4, mlp, resnet12
 from metalearn.models._nnx import from_nnx
 
@@ -32,6 +32,7 @@ __all__ = (
     "max_pool_2x2",
     "mlp",
     "resnet12",
+    "standardize",
     "support_forward",
     "support_statistics",
     "uses_support_statistics",

@@ -1,5 +1,7 @@
 """Layers chosen for meta-learning: per-batch normalisation, fast pooling."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -69,6 +71,57 @@ def _max_pool_2x2_jvp(primals, tangents):
   return y, jnp.sum(jnp.where(first == position, windows, 0), axis=(-4, -2))
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def standardize(x: jax.Array, axes: tuple[int, ...], epsilon: float
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Standardises ``x`` by its own mean and variance over ``axes``.
+
+  Values are those of ``(x - mean) * rsqrt(var + epsilon)`` with ``mean``
+  and ``var`` (the biased variance, two-pass) taken over ``axes``, and so
+  are the derivatives of every order, forward and reverse. The derivative
+  is a custom JVP in closed form: with ``h`` the output, ``s = sqrt(var +
+  epsilon)`` and ``t`` the tangent of ``x``,
+
+      dh = (t - mean(t) - h * mean(t * h)) / s,
+
+  so the gradient is the same three-term expression of the cotangent
+  (two reductions and one element-wise pass). Differentiating the
+  formula instead goes through the square, the rsqrt and two broadcasts
+  of the mean, which XLA:CPU ran as about ten passes over the activation:
+  the costliest element-wise work of a Conv-4 meta-gradient
+  (``benchmarks/README.md``, "Speed and memory").
+
+  Args:
+    x: the input.
+    axes: the axes the statistics are taken over (static).
+    epsilon: added to the variance (static).
+
+  Returns:
+    ``(h, mean, var)``, the statistics with ``axes`` reduced; they have
+    derivatives too (the support-set normalisation reuses them).
+  """
+  mean = x.mean(axes, keepdims=True)
+  var = jnp.square(x - mean).mean(axes, keepdims=True)
+  h = (x - mean) * jax.lax.rsqrt(var + epsilon)
+  return h, jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
+
+
+@standardize.defjvp
+def _standardize_jvp(axes, epsilon, primals, tangents):
+  (x,), (t,) = primals, tangents
+  mean = x.mean(axes, keepdims=True)
+  var = jnp.square(x - mean).mean(axes, keepdims=True)
+  inv = jax.lax.rsqrt(var + epsilon)
+  h = (x - mean) * inv
+  t_mean = t.mean(axes, keepdims=True)
+  t_h = (t * h).mean(axes, keepdims=True)
+  dh = (t - t_mean - h * t_h) * inv
+  # d var = 2 mean((x - mean) t) = 2 s mean(h t).
+  d_var = 2 * t_h / inv
+  out = (h, jnp.squeeze(mean, axes), jnp.squeeze(var, axes))
+  return out, (dh, jnp.squeeze(t_mean, axes), jnp.squeeze(d_var, axes))
+
+
 class BatchNorm(nn.Module):
   """Batch normalisation for meta-learning, transductive or with running
   statistics.
@@ -119,9 +172,9 @@ class BatchNorm(nn.Module):
                              (features,), jnp.float32)
     if keeps and not train:
       mean, var = ra_mean.value, ra_var.value
+      y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
     else:
-      mean = x.mean(axes)
-      var = jnp.square(x - mean).mean(axes)
+      y, mean, var = standardize(x, axes, self.epsilon)
       if stored and self.support and not self.is_initializing():
         ra_mean.value, ra_var.value = mean, var
       elif stored and not self.is_initializing():
@@ -130,7 +183,6 @@ class BatchNorm(nn.Module):
                          + (1 - m) * jax.lax.stop_gradient(mean))
         ra_var.value = (m * ra_var.value
                         + (1 - m) * jax.lax.stop_gradient(var))
-    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
     scale = self.param("scale", nn.initializers.ones, (features,))
     bias = self.param("bias", nn.initializers.zeros, (features,))
     return y * scale + bias

@@ -150,6 +150,62 @@ def test_batch_norm_under_vmap_normalises_each_task_separately():
     np.testing.assert_allclose(batched[t], apply(tasks[t]), atol=1e-5)
 
 
+def _standardize_by_formula(x, axes, epsilon):
+  mean = x.mean(axes, keepdims=True)
+  var = jnp.square(x - mean).mean(axes, keepdims=True)
+  h = (x - mean) * jax.lax.rsqrt(var + epsilon)
+  return h, jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
+
+
+@pytest.mark.parametrize("axes", [(0, 1, 2), (0,)], ids=["nhw", "n"])
+def test_standardize_derivatives_equal_the_formula(axes):
+  """Values, gradients (of the output and of the statistics), the
+  gradient differentiated again, and forward mode: the closed-form JVP
+  against autodiff of the formula, in float64."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 3, 3, 2)) * [0.5, 4.0] + [1.0, -3.0])
+    c = [jnp.asarray(rng.normal(size=s.shape))
+         for s in _standardize_by_formula(x, axes, 1e-5)]
+
+    def loss(fn):
+      def f(x):
+        h, mean, var = fn(x, axes, 1e-5)
+        # Nonlinear in h, so second derivatives are not trivially zero.
+        return (jnp.sum(c[0] * jnp.tanh(h)) + jnp.sum(c[1] * mean)
+                + jnp.sum(c[2] * var))
+      return f
+
+    ours, ref = loss(models.standardize), loss(_standardize_by_formula)
+    for a, b in zip(models.standardize(x, axes, 1e-5),
+                    _standardize_by_formula(x, axes, 1e-5), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(ref)(x),
+                               rtol=1e-9, atol=1e-12)
+    v = jnp.asarray(rng.normal(size=x.shape))
+    hvp = lambda f: jax.grad(lambda y: jnp.vdot(jax.grad(f)(y), v))(x)  # noqa: E731
+    np.testing.assert_allclose(hvp(ours), hvp(ref), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(
+        jax.jvp(jax.grad(ours), (x,), (v,))[1],
+        jax.jvp(jax.grad(ref), (x,), (v,))[1], rtol=1e-8, atol=1e-10)
+
+
+def test_batch_norm_gradient_equals_flax():
+  """The module's gradient (through the custom JVP) is flax's."""
+  x = _normal((6, 5, 5, 3)) * 3.0 + 1.0
+  c = _normal((6, 5, 5, 3), 1)
+  ours = lambda x: jnp.sum(c * jnp.tanh(_batch_norm(x)))  # noqa: E731
+  module = nn.BatchNorm(use_running_average=False, use_fast_variance=False)
+  variables = module.init(jax.random.key(0), x)
+
+  def flax_loss(x):
+    y, _ = module.apply(variables, x, mutable=["batch_stats"])
+    return jnp.sum(c * jnp.tanh(y))
+
+  np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(flax_loss)(x),
+                             rtol=1e-4, atol=1e-5)
+
+
 _RESNET_PROTONET_GRAD = """
 import jax, numpy as np
 from metalearn import metalearners, models, tasks
