@@ -9,11 +9,6 @@ figures). :func:`conv2d` is the same function as
 ``lax.conv_general_dilated`` but its VJP computes both gradients as
 canonical convolutions of explicitly transposed arrays, by calling itself,
 so gradients of gradients (second-order MAML) are canonical too.
-
-On CPU the weight gradient of an ordinary (stride-1, undilated)
-convolution is instead one matrix product of the input's patches with the
-cotangent, about twice as fast as its convolution form there; its own
-derivatives are convolutions again.
 """
 
 import functools
@@ -113,10 +108,12 @@ def _conv_fwd(x, w, strides, padding, lhs_dil, rhs_dil):
   return _conv(x, w, strides, padding, lhs_dil, rhs_dil), (x, w)
 
 
-def _input_grad(g, w, in_hw, pads, strides, lhs_dil, rhs_dil):
-  """The input gradient: a correlation of the stride-dilated cotangent
-  with the spatially reversed kernel whose in/out channels are swapped."""
-  k_hw, out_hw = w.shape[:2], g.shape[1:3]
+def _conv_bwd(strides, padding, lhs_dil, rhs_dil, res, g):
+  x, w = res
+  in_hw, k_hw, pads = _geometry(x, w, strides, padding, lhs_dil, rhs_dil)
+  out_hw = g.shape[1:3]
+  # Input gradient: a correlation of the stride-dilated cotangent with the
+  # spatially reversed kernel whose in/out channels are swapped.
   lhs_pads = []
   for i in range(2):
     k = _dilated(k_hw[i], rhs_dil[i])
@@ -127,82 +124,7 @@ def _input_grad(g, w, in_hw, pads, strides, lhs_dil, rhs_dil):
     )
     lhs_pads.append((before, after))
   w_t = jnp.swapaxes(w[::-1, ::-1], 2, 3)
-  return _conv(g, w_t, lhs_dil, tuple(lhs_pads), strides, rhs_dil)
-
-
-def _patches(x, pads, k_hw, out_hw):
-  """``[KH * KW * C, N * OH * OW]``: row ``(i, j, c)`` holds channel ``c``
-  of the padded input shifted by tap ``(i, j)``, at every output position
-  of a stride-1 convolution."""
-  xt = jax.lax.pad(
-      jnp.moveaxis(x, -1, 0), jnp.zeros((), x.dtype),
-      ((0, 0, 0), (0, 0, 0), (*pads[0], 0), (*pads[1], 0)),
-  )  # [C, N, H', W']: transposed once, before the taps multiply it.
-  taps = jnp.stack([
-      xt[:, :, i:i + out_hw[0], j:j + out_hw[1]]
-      for i in range(k_hw[0]) for j in range(k_hw[1])
-  ])  # [KH * KW, C, N, OH, OW]
-  return taps.reshape(-1, np.prod(taps.shape[2:]))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _patch_weight_grad(x, g, pads, k_hw):
-  """The weight gradient of a stride-1, undilated convolution as one
-  matrix product: the input's patches times the cotangent.
-
-  On XLA:CPU this runs about twice as fast as the same sums written as a
-  convolution (input channels as the batch, the cotangent as a kernel the
-  size of the feature map; ``benchmarks/README.md``, "Speed and memory"),
-  which was the slowest convolution of every Conv-4 meta-gradient. Its
-  own derivatives are convolutions again (a forward convolution and an
-  input gradient), so second-order MAML keeps the canonical forms.
-  """
-  dw = _patches(x, pads, k_hw, g.shape[1:3]) @ g.reshape(-1, g.shape[-1])
-  return dw.reshape(*k_hw, x.shape[-1], g.shape[-1])
-
-
-def _patch_weight_grad_fwd(x, g, pads, k_hw):
-  return _patch_weight_grad(x, g, pads, k_hw), (x, g)
-
-
-def _patch_weight_grad_bwd(pads, k_hw, res, dw_bar):
-  # <dw_bar, dw(x, g)> = <g, conv(x, dw_bar)>: bilinear in x and g.
-  x, g = res
-  ones = (1, 1)
-  dx = _input_grad(g, dw_bar, x.shape[1:3], pads, ones, ones, ones)
-  dg = _conv(x, dw_bar, ones, pads, ones, ones)
-  return dx, dg
-
-
-_patch_weight_grad.defvjp(_patch_weight_grad_fwd, _patch_weight_grad_bwd)
-
-# Largest patch matrix (elements) built for a weight gradient: 256 MB in
-# float32, a 20-way 1-shot 15-query Omniglot episode's widest layer. Larger
-# ones (ResNet-12 on 84x84 images) take the convolution.
-_PATCH_LIMIT = 2**26
-
-
-def _use_patches(x, w, g, strides, lhs_dil, rhs_dil) -> bool:
-  """Whether the weight gradient is computed by :func:`_patch_weight_grad`:
-  on CPU (accelerators keep their convolution libraries), for ordinary
-  stride-1, undilated convolutions whose patches fit the limit."""
-  ordinary = all(v == 1 for v in (*strides, *lhs_dil, *rhs_dil))
-  size = np.prod(w.shape[:3]) * np.prod(g.shape[:3])
-  return (
-      ordinary
-      and jax.default_backend() == "cpu"
-      and not _kernel_outgrows_input(x, w, strides, lhs_dil, rhs_dil)
-      and size <= _PATCH_LIMIT
-  )
-
-
-def _conv_bwd(strides, padding, lhs_dil, rhs_dil, res, g):
-  x, w = res
-  in_hw, k_hw, pads = _geometry(x, w, strides, padding, lhs_dil, rhs_dil)
-  out_hw = g.shape[1:3]
-  dx = _input_grad(g, w, in_hw, pads, strides, lhs_dil, rhs_dil)
-  if _use_patches(x, w, g, strides, lhs_dil, rhs_dil):
-    return dx, _patch_weight_grad(x, g, pads, tuple(k_hw))
+  dx = _conv(g, w_t, lhs_dil, tuple(lhs_pads), strides, rhs_dil)
   # Weight gradient: channels of x act as the batch, the batch of x as the
   # input features, and the cotangent as a (dilated) kernel.
   rhs_pads = []

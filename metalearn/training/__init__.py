@@ -1,5 +1,6 @@
 """Meta-training and meta-evaluation, generic over meta-learners."""
 
+from metalearn.training._compile import compiler_options, jit
 from metalearn.training._loop import (
     NonFiniteLossError,
     evaluate,
@@ -48,6 +49,7 @@ __all__ = (
     "Population",
     "TASK_AXIS",
     "check_members",
+    "compiler_options",
     "default_task_map",
     "evaluate",
     "evaluate_population",
@@ -55,6 +57,7 @@ __all__ = (
     "init_population",
     "init_state",
     "initialize_distributed",
+    "jit",
     "make_eval_fn",
     "make_meta_step",
     "make_population",

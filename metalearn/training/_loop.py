@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from metalearn.metalearners import MetaLearner
 from metalearn.tasks import TaskSampler
-from metalearn.training import _sharding
+from metalearn.training import _compile, _sharding
 from metalearn.training._step import (
     MetaTrainState,
     default_task_map,
@@ -192,9 +192,9 @@ def make_eval_fn(
     return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
 
   if mesh is None:
-    return jax.jit(fn)
+    return _compile.jit(fn)
   replicated = _sharding.replicated(mesh)
-  return jax.jit(fn, in_shardings=replicated, out_shardings=replicated)
+  return _compile.jit(fn, in_shardings=replicated, out_shardings=replicated)
 
 
 @functools.lru_cache(maxsize=16)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from metalearn.metalearners import MetaLearner
 from metalearn.tasks import TaskSampler
+from metalearn.training import _compile
 from metalearn.training._loop import summarize
 from metalearn.training._step import (
     MetaTrainState,
@@ -169,7 +170,7 @@ def init_population(
     learner, tx = make_member(hparams)
     return init_state(learner, tx, sampler, jax.random.split(key)[0])
 
-  return jax.jit(jax.vmap(one))(population.keys, population.hparams)
+  return _compile.jit(jax.vmap(one))(population.keys, population.hparams)
 
 
 def make_population_step(
@@ -222,7 +223,7 @@ def make_population_step(
   def step(states, data, keys, hparams):
     return mapped(states, keys, hparams, data)
 
-  return jax.jit(step, donate_argnums=(0,))
+  return _compile.jit(step, donate_argnums=(0,))
 
 
 def step_keys(population: Population) -> jax.Array:
@@ -389,7 +390,7 @@ def evaluate_population(
     return jax.vmap(one)(keys) if task_map == "vmap" else jax.lax.map(
         one, keys)
 
-  fn = jax.jit(_over_members(member, member_map, num_shared=2))
+  fn = _compile.jit(_over_members(member, member_map, num_shared=2))
   ids = np.arange(-(-num_episodes // batch_size) * batch_size)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(ids))
   chunks = []

@@ -9,7 +9,7 @@ import optax
 
 from metalearn.metalearners import MetaLearner
 from metalearn.tasks import TaskSampler, sample_batch
-from metalearn.training import _sharding
+from metalearn.training import _compile, _sharding
 from metalearn.types import Episode
 
 PyTree = Any
@@ -275,9 +275,9 @@ def make_meta_step(
       steps_per_call=steps_per_call, task_map=task_map, mesh=mesh,
   )
   if mesh is None:
-    return jax.jit(step, donate_argnums=(0,))
+    return _compile.jit(step, donate_argnums=(0,))
   replicated = _sharding.replicated(mesh)
-  return jax.jit(
+  return _compile.jit(
       step,
       donate_argnums=(0,),
       in_shardings=replicated,

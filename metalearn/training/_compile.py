@@ -1,0 +1,84 @@
+"""How metalearn compiles its steps: ``jax.jit`` plus XLA:CPU options.
+
+jaxlib 0.10.2's XLA:CPU hands convolutions to YNNPACK one at a time. A
+YNNPACK convolution whose result is written out (any convolution followed
+by batch norm, that is every Conv-4 and ResNet-12 layer) ran on one thread
+of the two this machine has: the 14x14x64 convolution of a ProtoNet step
+took 14 ms per task inside the meta-step against 7 ms alone, at the same
+HLO (``benchmarks/README.md``, "Speed and memory", has the profile).
+Leaving convolutions to XLA's own (Eigen) kernels, which use every thread,
+and keeping YNNPACK for dots and reductions, made the Conv-4 meta-steps
+1.3-1.5x faster. :func:`jit` compiles with that setting on CPU; other
+backends are untouched.
+
+Set ``METALEARN_XLA_CPU_OPTIONS=0`` to compile with XLA's defaults. A
+``--xla_cpu_experimental_ynn_fusion_type`` already in ``XLA_FLAGS`` is the
+user's choice and is left to win.
+"""
+
+import functools
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+_YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+# XLA:CPU's default YNNPACK fusion types less INDIVIDUAL_CONVOLUTION.
+_YNN_WITHOUT_CONVOLUTIONS = ",".join(
+    f"LIBRARY_FUSION_TYPE_{t}" for t in ("INDIVIDUAL_DOT", "REDUCE", "DOT"))
+ENV_VAR = "METALEARN_XLA_CPU_OPTIONS"
+
+
+@functools.cache
+def _cpu_options_compile() -> bool:
+  """Whether this jaxlib accepts the options (checked once, on a scalar)."""
+  options = {_YNN_FLAG: _YNN_WITHOUT_CONVOLUTIONS}
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
+  except Exception as e:  # noqa: BLE001 - any refusal means "not here".
+    warnings.warn(
+        f"XLA:CPU refused {_YNN_FLAG}={_YNN_WITHOUT_CONVOLUTIONS} ({e}); "
+        "metalearn compiles with XLA's defaults", stacklevel=3)
+    return False
+  return True
+
+
+def compiler_options(backend: str | None = None) -> dict[str, str] | None:
+  """The XLA options :func:`jit` compiles with on ``backend``.
+
+  Args:
+    backend: a platform name; ``None`` is ``jax.default_backend()``.
+
+  Returns:
+    On CPU, ``{"xla_cpu_experimental_ynn_fusion_type": ...}`` (YNNPACK for
+    dots and reductions, XLA's kernels for convolutions); ``None`` on other
+    backends, when ``METALEARN_XLA_CPU_OPTIONS=0``, when ``XLA_FLAGS``
+    already sets the fusion types, or when this jaxlib refuses the option.
+  """
+  if (backend or jax.default_backend()) != "cpu":
+    return None
+  if os.environ.get(ENV_VAR, "1") == "0":
+    return None
+  if _YNN_FLAG in os.environ.get("XLA_FLAGS", ""):
+    return None
+  if not _cpu_options_compile():
+    return None
+  return {_YNN_FLAG: _YNN_WITHOUT_CONVOLUTIONS}
+
+
+def jit(fun: Callable, **kwargs: Any) -> Callable:
+  """``jax.jit(fun, **kwargs)`` with :func:`compiler_options` added.
+
+  Every step metalearn builds (meta-training, evaluation, populations) is
+  compiled by this; use it for your own jitted functions of metalearn
+  models to get the same kernels.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from metalearn import training
+    >>> training.jit(lambda x: 2 * x)(jnp.ones(3)).tolist()
+    [2.0, 2.0, 2.0]
+  """
+  return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
