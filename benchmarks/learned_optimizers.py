@@ -44,7 +44,8 @@ FULL = dict(
     horizon=200, truncation=20, outer_steps=1200, steps_per_call=20,
     pes_pairs=16, tbptt_particles=8, sigma=0.01, meta_lr=1e-3,
     bmg_particles=8, bmg_steps=0, bmg_target_lr=0.1,
-    step_mult=1e-2, seeds=3, eval_tasks=100, tune_tasks=64,
+    step_mult=1e-2, adam_exp_mult=1.0, seeds=3, eval_tasks=100,
+    tune_tasks=64,
     lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
 )
 SMOKE = dict(
@@ -56,8 +57,9 @@ SMOKE = dict(
 ESTIMATORS = lo.ESTIMATORS
 
 
-def build(cfg):
-  """The task family and the learned optimiser."""
+def build(cfg, adam_lr=None):
+  """The task family and the learned optimiser (with ``adam_lr``: the
+  residual form that starts as Adam with that learning rate)."""
   sinusoid = tasks.get_tasksets(
       "sinusoid", num_ways=None, num_shots=cfg["num_shots"],
       num_queries=cfg["num_queries"],
@@ -66,7 +68,11 @@ def build(cfg):
       models.mlp(hidden=cfg["hidden"]), sinusoid.train,
       batch_size=cfg["batch_size"],
   )
-  return family, lo.mlp_optimizer(step_mult=cfg["step_mult"])
+  if adam_lr is None:
+    return family, lo.mlp_optimizer(step_mult=cfg["step_mult"])
+  return family, lo.mlp_optimizer(step_mult=cfg["step_mult"],
+                                  adam_lr=adam_lr,
+                                  exp_mult=cfg["adam_exp_mult"])
 
 
 def make_trainer(cfg, family, lopt, estimator_name):
@@ -149,6 +155,7 @@ def plot(results, path):
 
 
 def markdown(cfg, agg, tuned, machine, seconds, cpu_seconds):
+  residual = " (Adam residual, from the tuned Adam)" * cfg["adam_residual"]
   rows = []
   for name, a in agg.items():
     rows.append([name, *(f"{a[m]['mean']:.3g} ± {a[m]['std']:.2g}"
@@ -172,7 +179,7 @@ def markdown(cfg, agg, tuned, machine, seconds, cpu_seconds):
       f"{cfg['seeds']} seeds x {cfg['eval_tasks']} held-out tasks (mean ± "
       f"std over seeds of geometric means over tasks). Adam lr "
       f"{tuned['adam']:g}, SGD lr {tuned['sgd']:g} (tuned on training "
-      f"tasks). Learned: mlp_optimizer meta-trained for "
+      f"tasks). Learned: mlp_optimizer{residual} meta-trained for "
       f"{cfg['outer_steps']} outer steps per seed (PES: "
       f"{cfg['pes_pairs']} antithetic pairs; TBPTT: "
       f"{cfg['tbptt_particles']} particles; BMG: "
@@ -197,6 +204,9 @@ def parse_args(argv):
                            "inner steps per outer step)")
   parser.add_argument("--bmg-target-lr", type=float,
                       help="BMG's final gradient step on the target")
+  parser.add_argument("--adam-residual", action="store_true",
+                      help="meta-train mlp_optimizer's residual form, "
+                           "started at Adam with the tuned learning rate")
   parser.add_argument("--out", help="JSON results")
   parser.add_argument("--plot", help="PNG of the loss curves")
   return parser.parse_args(argv)
@@ -205,7 +215,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   cfg = dict(SMOKE if args.smoke else FULL, smoke=args.smoke,
-             estimators=args.estimators)
+             estimators=args.estimators, adam_residual=args.adam_residual)
   for field in ("seeds", "outer_steps", "pes_pairs", "bmg_target_lr"):
     if getattr(args, field) is not None:
       cfg[field] = getattr(args, field)
@@ -213,6 +223,11 @@ def main(argv=None) -> int:
   family, lopt = build(cfg)
   curves = lo.loss_curves(lopt, num_steps=cfg["horizon"])
   tuned, tuning = tune(cfg, curves, family)
+  label = ""
+  if cfg["adam_residual"]:
+    family, lopt = build(cfg, adam_lr=tuned["adam"])
+    curves = lo.loss_curves(lopt, num_steps=cfg["horizon"])
+    label = ", Adam residual"
   trainers = {est: make_trainer(cfg, family, lopt, est)
               for est in cfg["estimators"]}
   runs_per_seed, training = [], {}
@@ -220,7 +235,7 @@ def main(argv=None) -> int:
     runs = {name: (name, lr) for name, lr in tuned.items()}
     for est, train in trainers.items():
       theta, history, secs = train(seed)
-      runs[f"learned ({est})"] = ("learned", theta)
+      runs[f"learned ({est}{label})"] = ("learned", theta)
       training.setdefault(est, []).append({"seconds": secs,
                                            "history": history})
       print(f"seed {seed} {est}: meta-trained in {secs:.0f}s, last meta-loss "

@@ -75,6 +75,8 @@ def mlp_optimizer(
     exp_mult: float = 1e-3,
     eps: float = 1e-8,
     eps_root: float = 1e-12,
+    adam_lr: float | None = None,
+    adam_decays: tuple[float, float] = (0.9, 0.999),
 ) -> LearnedOptimizer:
   r"""A per-parameter MLP optimiser over momentum and second-moment features.
 
@@ -90,6 +92,20 @@ def mlp_optimizer(
   .. math::
     \phi^j \leftarrow \phi^j - d^j \exp(a^j\, \eta_{exp})\, \eta.
 
+  With ``adam_lr`` set, the network corrects Adam instead of replacing it
+  (a residual parametrisation; Metz et al. 2022 build on Adam similarly):
+
+  .. math::
+    \phi^j \leftarrow \phi^j - \alpha \exp(a^j\, \eta_{exp})
+    \frac{\hat m^j}{\sqrt{\hat v^j} + \epsilon} - d^j\, \eta,
+
+  with Adam's bias-corrected moments at ``adam_decays`` (both must be in
+  ``decays``), and the network's last layer starts at zero, so that before
+  meta-training the optimiser *is* Adam with learning rate
+  :math:`\alpha` (give it the tuned one). Meta-training then starts from
+  a strong baseline and learns per-coordinate step-size changes and
+  corrections to it.
+
   Args:
     hidden_sizes: hidden widths of the MLP (ReLU).
     decays: the decays :math:`\beta_k` of the moment accumulators.
@@ -98,6 +114,8 @@ def mlp_optimizer(
     eps: added to :math:`\sqrt{v}` in the ratio features.
     eps_root: added to :math:`v` under the square root, so that
       meta-gradients through it stay finite.
+    adam_lr: :math:`\alpha`; ``None`` (default) is the plain MLP update.
+    adam_decays: Adam's :math:`(\beta_1, \beta_2)`, taken from ``decays``.
 
   Returns:
     A :class:`LearnedOptimizer` with :class:`MLPOptimizerParams`; its
@@ -130,6 +148,15 @@ def mlp_optimizer(
     raise ValueError(f"hidden_sizes must be ints >= 1, got {hidden_sizes}")
   if not step_mult > 0:
     raise ValueError(f"step_mult must be > 0, got {step_mult}")
+  if adam_lr is not None:
+    if not adam_lr > 0:
+      raise ValueError(f"adam_lr must be > 0 or None, got {adam_lr}")
+    missing = [d for d in adam_decays if float(d) not in decays]
+    if len(adam_decays) != 2 or missing:
+      raise ValueError(
+          f"adam_decays must be two of decays {decays}, got {adam_decays}")
+    b1, b2 = (float(d) for d in adam_decays)
+    i1, i2 = decays.index(b1), decays.index(b2)
   sizes = (num_mlp_features(len(decays)), *hidden_sizes, 2)
   beta = jnp.asarray(decays)[:, None]
 
@@ -139,6 +166,9 @@ def mlp_optimizer(
         jax.random.normal(k, (m, n)) / jnp.sqrt(m)
         for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)
     )
+    if adam_lr is not None:
+      # The output layer starts at zero: the optimiser starts as Adam.
+      weights = (*weights[:-1], jnp.zeros_like(weights[-1]))
     biases = tuple(jnp.zeros(n) for n in sizes[1:])
     return MLPOptimizerParams(weights, biases)
 
@@ -170,7 +200,15 @@ def mlp_optimizer(
       x = _features(g, p, mu, nu, count, segment_ids(updates), eps, eps_root)
       out = network(x)
       direction, magnitude = out[:, 0], out[:, 1]
-      step = direction * jnp.exp(magnitude * exp_mult) * step_mult
+      if adam_lr is None:
+        step = direction * jnp.exp(magnitude * exp_mult) * step_mult
+      else:
+        t = count.astype(g.dtype)
+        m_hat = mu[i1] / (1 - b1**t)
+        v_hat = nu[i2] / (1 - b2**t)
+        adam = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+        step = (adam_lr * jnp.exp(magnitude * exp_mult) * adam
+                + direction * step_mult)
       return unravel(-step), MLPOptimizerState(count, mu, nu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -57,3 +57,16 @@ def test_smoke_run_writes_results_and_plot(bench, tmp_path, capsys):
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   printed = capsys.readouterr().out
   assert "| optimiser |" in printed and "learned (pes)" in printed
+
+
+@pytest.mark.slow
+def test_adam_residual_smoke_run_names_its_row(bench, tmp_path):
+  out = tmp_path / "r.json"
+  assert bench.main(["--smoke", "--estimators", "tbptt", "--adam-residual",
+                     "--seeds", "1", "--out", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result["config"]["adam_residual"]
+  assert set(result["summary"]) == {"adam", "sgd",
+                                    "learned (tbptt, Adam residual)"}
+  (run,) = result["per_seed"]["learned (tbptt, Adam residual)"]
+  assert np.all(np.isfinite(run["curve_train"]))

@@ -17,6 +17,7 @@ from metalearn import learned_optimizers as lo
 OPTIMIZERS = {
     "lstm": lambda: lo.lstm_optimizer(hidden_size=8),
     "mlp": lambda: lo.mlp_optimizer(hidden_sizes=(8, 8)),
+    "mlp_adam": lambda: lo.mlp_optimizer(hidden_sizes=(8, 8), adam_lr=0.1),
     "meta_lstm": lambda: lo.meta_lstm_optimizer(0.1),
     "sgd": lambda: lo.learnable_sgd(0.1),
 }
@@ -127,6 +128,29 @@ def test_mlp_optimizer_steps_along_its_direction_output():
   np.testing.assert_allclose(state.nu, (1 - beta) * flat**2, rtol=1e-6)
 
 
+def test_mlp_optimizer_with_adam_lr_starts_as_adam():
+  """Before meta-training the residual form is Adam itself, step for step;
+  moving the output layer changes the steps."""
+  lopt = lo.mlp_optimizer(hidden_sizes=(8,), adam_lr=0.05, exp_mult=1.0)
+  theta = lopt.init(jax.random.key(0))
+  params, _ = _params_and_grads(jax.random.key(1))
+  loss = lambda p: jnp.sum(jnp.sin(p["w"])) + jnp.sum(p["b"] ** 2)  # noqa: E731
+
+  def run(tx):
+    p, state = params, tx.init(params)
+    for _ in range(5):
+      updates, state = tx.update(jax.grad(loss)(p), state, p)
+      p = optax.apply_updates(p, updates)
+    return p
+
+  chex.assert_trees_all_close(run(lopt.opt_fn(theta)),
+                              run(optax.adam(0.05)), rtol=1e-5, atol=1e-5)
+  biases = theta.biases[:-1] + (jnp.array([0.0, 1.0]),)
+  faster = run(lopt.opt_fn(theta._replace(biases=biases)))
+  chex.assert_trees_all_close(faster, run(optax.adam(0.05 * math.e)),
+                              rtol=1e-5, atol=1e-5)
+
+
 @functools.cache
 def _chained_run(name):
   """An inner loop driven by ``chain(clip, lopt)``, jitted and vmapped over
@@ -172,6 +196,10 @@ def test_composes_with_chain_under_jit_and_vmap(name):
         pytest.param(lo.lstm_optimizer, {"hidden_size": 0}, id="lstm-hidden"),
         pytest.param(lo.mlp_optimizer, {"decays": (1.0,)}, id="mlp-decays"),
         pytest.param(lo.mlp_optimizer, {"step_mult": 0.0}, id="mlp-step"),
+        pytest.param(lo.mlp_optimizer, {"adam_lr": 0.0}, id="mlp-adam-lr"),
+        pytest.param(lo.mlp_optimizer,
+                     {"adam_decays": (0.9, 0.95), "adam_lr": 0.1},
+                     id="mlp-adam-decays"),
         pytest.param(lo.meta_lstm_optimizer, {"init_lr": 1.5}, id="mlstm-lr"),
         pytest.param(lo.learnable_sgd, {"init_lr": -1.0}, id="sgd-lr"),
     ],
