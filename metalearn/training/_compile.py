@@ -8,8 +8,9 @@ took 14 ms per task inside the meta-step against 7 ms alone, at the same
 HLO (``benchmarks/README.md``, "Speed and memory", has the profile).
 Leaving convolutions to XLA's own (Eigen) kernels, which use every thread,
 and keeping YNNPACK for dots and reductions, made the Conv-4 meta-steps
-1.3-1.5x faster. :func:`jit` compiles with that setting on CPU; other
-backends are untouched.
+1.7-2.1x faster than the same code compiled with XLA's defaults.
+:func:`jit` compiles with that setting on CPU; other backends are
+untouched.
 
 Set ``METALEARN_XLA_CPU_OPTIONS=0`` to compile with XLA's defaults. A
 ``--xla_cpu_experimental_ynn_fusion_type`` already in ``XLA_FLAGS`` is the
