@@ -45,27 +45,28 @@ FULL = dict(
     pes_pairs=16, tbptt_particles=8, sigma=0.01, meta_lr=1e-3,
     bmg_particles=8, bmg_steps=0, bmg_target_lr=0.1,
     step_mult=1e-2, adam_exp_mult=1.0, seeds=3, eval_tasks=100,
-    tune_tasks=64,
+    tune_tasks=64, ood_horizon_mult=2, ood_hidden=(80, 80),
     lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
 )
 SMOKE = dict(
     FULL, hidden=(8,), num_shots=6, num_queries=4, batch_size=3, horizon=4,
     truncation=2, outer_steps=2, steps_per_call=1, pes_pairs=2,
     tbptt_particles=2, bmg_particles=2, bmg_steps=1, seeds=2, eval_tasks=4,
-    tune_tasks=4, lrs=(1e-2, 1e-1),
+    tune_tasks=4, lrs=(1e-2, 1e-1), ood_hidden=(16,),
 )
 ESTIMATORS = lo.ESTIMATORS
 
 
-def build(cfg, adam_lr=None):
+def build(cfg, adam_lr=None, hidden=None):
   """The task family and the learned optimiser (with ``adam_lr``: the
-  residual form that starts as Adam with that learning rate)."""
+  residual form that starts as Adam with that learning rate; ``hidden``:
+  another network than ``cfg["hidden"]``)."""
   sinusoid = tasks.get_tasksets(
       "sinusoid", num_ways=None, num_shots=cfg["num_shots"],
       num_queries=cfg["num_queries"],
   )
   family = lo.model_task_family(
-      models.mlp(hidden=cfg["hidden"]), sinusoid.train,
+      models.mlp(hidden=hidden or cfg["hidden"]), sinusoid.train,
       batch_size=cfg["batch_size"],
   )
   if adam_lr is None:
@@ -110,7 +111,7 @@ def tune(cfg, curves, family):
 
 def evaluate(cfg, curves, family, runs_per_seed):
   """Runs each optimiser, ``name: (kind, hyper)``, on each seed's held-out
-  tasks."""
+  tasks (of ``family``, as long as ``curves`` runs)."""
   results = {}
   for seed, runs in enumerate(runs_per_seed):
     keys = jax.random.split(jax.random.fold_in(jax.random.key(2), seed),
@@ -192,6 +193,25 @@ def markdown(cfg, agg, tuned, machine, seconds, cpu_seconds):
       table, "", *lines])
 
 
+def ood_markdown(cfg, ood_agg):
+  """The final held-out losses out of distribution, one column per
+  shift."""
+  shifts = list(ood_agg)
+  names = list(ood_agg[shifts[0]])
+  rows = [[name, *(f"{ood_agg[s][name]['final_held_out']['mean']:.3g} ± "
+                   f"{ood_agg[s][name]['final_held_out']['std']:.2g}"
+                   for s in shifts)] for name in names]
+  return "\n".join([
+      f"Out of distribution (final held-out MSE; learning rates and "
+      f"learned optimisers as tuned and meta-trained): "
+      f"{cfg['ood_horizon_mult']}x the horizon "
+      f"({cfg['ood_horizon_mult'] * cfg['horizon']} steps), and MLP "
+      f"{tuple(cfg['ood_hidden'])} at the training horizon.", "",
+      _harness.markdown_table(
+          ["optimiser", f"{cfg['ood_horizon_mult']}x horizon",
+           f"MLP {tuple(cfg['ood_hidden'])}"], rows)])
+
+
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--smoke", action="store_true")
@@ -243,16 +263,29 @@ def main(argv=None) -> int:
     runs_per_seed.append(runs)
   results = evaluate(cfg, curves, family, runs_per_seed)
   agg = {name: aggregate(runs) for name, runs in results.items()}
+  # Out of distribution, every optimiser as it was tuned or meta-trained:
+  # twice the horizon, and a wider network.
+  long_curves = lo.loss_curves(
+      lopt, num_steps=cfg["ood_horizon_mult"] * cfg["horizon"])
+  wide_family, _ = build(cfg, hidden=cfg["ood_hidden"])
+  ood = {
+      "longer_horizon": evaluate(cfg, long_curves, family, runs_per_seed),
+      "wider_network": evaluate(cfg, curves, wide_family, runs_per_seed),
+  }
+  ood_agg = {shift: {name: aggregate(runs) for name, runs in res.items()}
+             for shift, res in ood.items()}
   seconds = time.perf_counter() - start
   cpu_seconds = time.process_time() - cpu_start
   machine = _harness.machine_info()
   print(markdown(cfg, agg, tuned, machine, seconds, cpu_seconds))
+  print(ood_markdown(cfg, ood_agg))
   if args.plot:
     plot(results, args.plot)
   _harness.write_json(args.out, {
       "benchmark": "learned_optimizers", "config": cfg, "machine": machine,
       "tuned_lr": tuned, "tuning_final_train": tuning, "summary": agg,
-      "per_seed": results, "meta_training": training, "seconds": seconds,
+      "per_seed": results, "out_of_distribution": ood_agg,
+      "meta_training": training, "seconds": seconds,
       "cpu_seconds": cpu_seconds,
   })
   return 0

@@ -70,3 +70,11 @@ def test_adam_residual_smoke_run_names_its_row(bench, tmp_path):
                                     "learned (tbptt, Adam residual)"}
   (run,) = result["per_seed"]["learned (tbptt, Adam residual)"]
   assert np.all(np.isfinite(run["curve_train"]))
+  # Out of distribution: the same optimisers, twice the horizon and a
+  # wider network.
+  ood = result["out_of_distribution"]
+  assert set(ood) == {"longer_horizon", "wider_network"}
+  for shift in ood.values():
+    assert set(shift) == set(result["summary"])
+    for agg in shift.values():
+      assert np.isfinite(agg["final_held_out"]["mean"])
