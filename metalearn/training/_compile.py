@@ -26,7 +26,10 @@ from typing import Any
 import jax
 
 _YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
-# XLA:CPU's default YNNPACK fusion types less INDIVIDUAL_CONVOLUTION.
+# XLA:CPU's default YNNPACK fusion types less INDIVIDUAL_CONVOLUTION (the
+# meta-steps compiled with this list and with XLA_FLAGS' own
+# "=-individual_convolution" gave bit-identical losses). compiler_options
+# take one value per option, so the list is spelled out.
 _YNN_WITHOUT_CONVOLUTIONS = ",".join(
     f"LIBRARY_FUSION_TYPE_{t}" for t in ("INDIVIDUAL_DOT", "REDUCE", "DOT"))
 ENV_VAR = "METALEARN_XLA_CPU_OPTIONS"
