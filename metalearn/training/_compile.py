@@ -72,12 +72,40 @@ def compiler_options(backend: str | None = None) -> dict[str, str] | None:
   return {_YNN_FLAG: _YNN_WITHOUT_CONVOLUTIONS}
 
 
+class _Jitted:
+  """``jax.jit(fun)`` with compiler options when called at the top level,
+  without them inside another trace (JAX accepts ``compiler_options`` on
+  top-level jits only; an outer jit's options govern the whole program).
+  Everything else (``lower``, ``trace``, ``eval_shape``...) is the
+  top-level jit's."""
+
+  def __init__(self, fun, options, kwargs):
+    self._top = jax.jit(fun, compiler_options=options, **kwargs)
+    self._nested = jax.jit(fun, **kwargs)
+    functools.update_wrapper(self, fun)
+
+  def __call__(self, *args, **kwargs):
+    leaves = jax.tree.leaves((args, kwargs))
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+      return self._nested(*args, **kwargs)
+    try:
+      return self._top(*args, **kwargs)
+    except ValueError as e:  # Inside a trace that closes over constants.
+      if "compiler_options" not in str(e):
+        raise
+      return self._nested(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._top, name)
+
+
 def jit(fun: Callable, **kwargs: Any) -> Callable:
   """``jax.jit(fun, **kwargs)`` with :func:`compiler_options` added.
 
   Every step metalearn builds (meta-training, evaluation, populations) is
   compiled by this; use it for your own jitted functions of metalearn
-  models to get the same kernels.
+  models to get the same kernels. Called inside another ``jax.jit`` (or
+  any trace) it is a plain nested jit: the outer jit's options apply.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -85,4 +113,7 @@ def jit(fun: Callable, **kwargs: Any) -> Callable:
     >>> training.jit(lambda x: 2 * x)(jnp.ones(3)).tolist()
     [2.0, 2.0, 2.0]
   """
-  return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
+  options = compiler_options()
+  if options is None:
+    return jax.jit(fun, **kwargs)
+  return _Jitted(fun, options, kwargs)

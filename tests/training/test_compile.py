@@ -63,3 +63,16 @@ def test_compiler_options_only_on_cpu_and_when_not_overridden(monkeypatch):
   monkeypatch.setenv(
       "XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
   assert _compile.compiler_options("cpu") is None
+
+
+def test_jit_nests_inside_another_jit():
+  """Options are top-level only in JAX: nested, training.jit is a plain
+  jit, and ``lower`` still reaches the top-level one."""
+  x, w = _operands()
+  inner = training.jit(_conv_bn)
+  outer = jax.jit(lambda x, w: inner(x, w).sum() + inner(x, 2 * w).sum())
+  expected = _conv_bn(x, w).sum() + _conv_bn(x, 2 * w).sum()
+  np.testing.assert_allclose(outer(x, w), expected, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(jax.jit(lambda: inner(x, w).sum())(),
+                             _conv_bn(x, w).sum(), rtol=1e-4, atol=1e-3)
+  assert "convolution(" in inner.lower(x, w).compile().as_text()
