@@ -100,19 +100,23 @@ def standardize(x: jax.Array, axes: tuple[int, ...], epsilon: float
     ``(h, mean, var)``, the statistics with ``axes`` reduced; they have
     derivatives too (the support-set normalisation reuses them).
   """
+  h, mean, var, _ = _moments(x, axes, epsilon)
+  return h, jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
+
+
+def _moments(x, axes, epsilon):
+  """``(h, mean, var, 1 / s)`` of :func:`standardize`, statistics kept
+  with their reduced axes."""
   mean = x.mean(axes, keepdims=True)
   var = jnp.square(x - mean).mean(axes, keepdims=True)
-  h = (x - mean) * jax.lax.rsqrt(var + epsilon)
-  return h, jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
+  inv = jax.lax.rsqrt(var + epsilon)
+  return (x - mean) * inv, mean, var, inv
 
 
 @standardize.defjvp
 def _standardize_jvp(axes, epsilon, primals, tangents):
   (x,), (t,) = primals, tangents
-  mean = x.mean(axes, keepdims=True)
-  var = jnp.square(x - mean).mean(axes, keepdims=True)
-  inv = jax.lax.rsqrt(var + epsilon)
-  h = (x - mean) * inv
+  h, mean, var, inv = _moments(x, axes, epsilon)
   t_mean = t.mean(axes, keepdims=True)
   t_h = (t * h).mean(axes, keepdims=True)
   dh = (t - t_mean - h * t_h) * inv
