@@ -42,14 +42,17 @@ STATE=${STATE:-.devruns}
 # with the non-transductive support statistics first; then iMAML's first
 # row, ProtoNet on the Omniglot challenge protocol (Lake et al.'s split,
 # within-alphabet episodes; its experiment file's CPU schedule stretched to
-# 20000 steps, the rate halved every 2000 as Snell et al.) and the
-# population throughput.
+# 20000 steps, the rate halved every 2000 as Snell et al.), the population
+# throughput, and the in-context learner's full schedules (its CPU rows ran
+# a tenth and a twentieth of them). iMAML's 5w1s run was started on the CPU
+# (2026-12-05): to continue it here, put that run directory, its last
+# checkpoint only, at $STATE/omniglot_5w1s_imaml/omniglot_5w1s_imaml.
 DEFAULT_JOBS="row:omniglot_5w1s_maml:model.norm=support
   row:omniglot_5w1s_r2d2 row:omniglot_20w1s_r2d2
   row:omniglot_5w1s_metasgd row:omniglot_20w1s_maml row:omniglot_20w1s_anil
   row:omniglot_5w5s_maml row:omniglot_20w1s_metasgd row:omniglot_5w1s_imaml
   row:omniglot_lake_20w1s_protonet:trainer.num_steps=20000:optimizer.learning_rate.transition_steps=2000
-  population"
+  population row:omniglot_5w1s_incontext row:omniglot_20w1s_incontext"
 JOBS=${JOBS:-$DEFAULT_JOBS}
 mkdir -p "$OUTDIR"
 W=$(mktemp -d)
