@@ -62,6 +62,27 @@ def pytest_configure(config):
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+def pytest_collection_modifyitems(config, items):
+  """Puts each test in an ``xdist_group``: its file, or finer where asked.
+
+  README's test command distributes the groups over pytest-xdist workers
+  (``--dist loadgroup``). A file is one group by default, since its tests
+  share module-level caches and fixtures. A file that names a parameter in
+  ``XDIST_GROUP_BY`` is split by that parameter's value instead (the
+  conformance suite by learner: the tests of one learner share its
+  compiled programs, different learners share nothing).
+  """
+  del config
+  for item in items:
+    group = item.nodeid.split("::")[0]
+    by = getattr(getattr(item, "module", None), "XDIST_GROUP_BY", None)
+    callspec = getattr(item, "callspec", None)
+    if by and callspec is not None and by in callspec.params:
+      value = callspec.params[by]
+      group += f"[{getattr(value, 'name', value)}]"
+    item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_unconfigure(config):
   del config
   cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")

@@ -57,15 +57,24 @@ def _conv4_pool(x: jax.Array, downsample: str,
   return x.reshape(*x.shape[:-3], -1)
 
 
+# Blocks after the fourth keep the resolution (Chen et al.'s Conv-6).
+_DOWNSAMPLING_BLOCKS = 4
+
+
+def _block_downsample(downsample: str, index: int) -> str | None:
+  return downsample if index < _DOWNSAMPLING_BLOCKS else None
+
+
 def _global_average(x: jax.Array) -> jax.Array:
   return jnp.mean(x, axis=(-3, -2))
 
 
 class ConvBlock(nn.Module):
-  """3x3 convolution, BatchNorm (``norm``), ReLU, then 2x downsampling."""
+  """3x3 convolution, BatchNorm (``norm``), ReLU, then 2x downsampling
+  (``downsample``: ``"max_pool"``, ``"stride"``, or ``None`` for none)."""
 
   features: int
-  downsample: str = "max_pool"
+  downsample: str | None = "max_pool"
   norm: str = "transductive"
 
   @nn.compact
@@ -100,6 +109,7 @@ class Conv4(nn.Module):
       stride-2 convolutions, the last 2x2 map flattened).
     norm: ``"transductive"``, ``"running"``, ``"support"`` or ``"none"``
       (see :func:`conv4`).
+    num_blocks: convolutional blocks (see :func:`conv4`).
   """
 
   num_outputs: int | None
@@ -107,12 +117,13 @@ class Conv4(nn.Module):
   downsample: str = "max_pool"
   readout: str | None = None
   norm: str = "transductive"
+  num_blocks: int = 4
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-    for i in range(4):
-      x = ConvBlock(self.features, self.downsample, self.norm,
-                    name=f"block{i}")(x, train)
+    for i in range(self.num_blocks):
+      x = ConvBlock(self.features, _block_downsample(self.downsample, i),
+                    self.norm, name=f"block{i}")(x, train)
     x = _conv4_pool(x, self.downsample, self.readout)
     if self.num_outputs is not None:
       x = nn.Dense(self.num_outputs, name="head")(x)
@@ -126,6 +137,7 @@ def conv4(
     downsample: str = "max_pool",
     readout: str | None = None,
     norm: str = "transductive",
+    num_blocks: int = 4,
 ) -> Model:
   """Conv-4 as a pure :class:`Model`.
 
@@ -152,10 +164,15 @@ def conv4(
       test alike (Bronskill et al.'s support-set moments; no query
       influences another, and nothing is carried between tasks).
       ``"none"``: no normalisation.
+    num_blocks: convolutional blocks, 4 by default. The first four
+      downsample and later ones keep the resolution, so ``num_blocks=6``
+      is Chen et al.'s Conv-6. Fewer blocks make a smaller network (the
+      time XLA takes to compile a meta-step grows with the blocks).
 
   Returns:
-    The model; params are ``{"block0".."block3", "head"}``. Its
-    ``layers`` are the four blocks and the readout (pooling and head).
+    The model; params are ``{"block0".."block3", "head"}`` (one
+    ``block<i>`` per block). Its ``layers`` are the blocks and the readout
+    (pooling and head).
     With ``norm="running"`` it has state (:func:`~metalearn.models.forward`).
 
   Examples:
@@ -169,6 +186,8 @@ def conv4(
   References:
     Vinyals et al., `Matching Networks for One Shot Learning
     <https://arxiv.org/abs/1606.04080>`_, 2016.
+    Chen et al., `A Closer Look at Few-shot Classification
+    <https://arxiv.org/abs/1904.04232>`_, 2019 (Conv-6).
   """
   if downsample not in _DOWNSAMPLE:
     raise ValueError(
@@ -180,14 +199,19 @@ def conv4(
     raise ValueError(f"num_outputs must be >= 1 or None, got {num_outputs}")
   if not isinstance(features, int) or features < 1:
     raise ValueError(f"features must be an int >= 1, got {features!r}")
+  if (isinstance(num_blocks, bool) or not isinstance(num_blocks, int)
+      or num_blocks < 1):
+    raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
   blocks = [
-      _stage(ConvBlock(features, downsample, norm), f"block{i}")
-      for i in range(4)
+      _stage(ConvBlock(features, _block_downsample(downsample, i), norm),
+             f"block{i}")
+      for i in range(num_blocks)
   ]
   last = _readout(lambda x: _conv4_pool(x, downsample, readout),
                   num_outputs)
-  return _from_module(Conv4(num_outputs, features, downsample, readout,
-                            norm), norm)._replace(layers=(*blocks, last))
+  module = Conv4(num_outputs, features, downsample, readout, norm,
+                 num_blocks)
+  return _from_module(module, norm)._replace(layers=(*blocks, last))
 
 
 def _from_module(module: nn.Module, norm: str) -> Model:

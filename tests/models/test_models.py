@@ -65,6 +65,24 @@ def test_conv4_stride_with_flattened_readout():
   assert mean.init(jax.random.key(0), x)["head"]["kernel"].shape == (8, 5)
 
 
+def test_conv6_pools_in_its_first_four_blocks_only():
+  """Chen et al.'s Conv-6 on 84px: 84 -> 42 -> 21 -> 10 -> 5 -> 5 -> 5,
+  5 * 5 * 64 = 1600 features; one block pools once; the layers compose."""
+  x = jnp.zeros((2, 84, 84, 3))
+  conv6 = models.conv4(None, num_blocks=6)
+  shapes = jax.eval_shape(conv6.init, jax.random.key(0), x)
+  assert sorted(shapes) == [f"block{i}" for i in range(6)]
+  assert jax.eval_shape(conv6.apply, shapes, x).shape == (2, 1600)
+  one = models.conv4(5, features=8, num_blocks=1)
+  x = _normal((3, 28, 28, 1))
+  params = one.init(jax.random.key(0), x)
+  assert params["head"]["kernel"].shape == (14 * 14 * 8, 5)
+  h = x
+  for layer in one.layers:
+    h = layer(params, h)
+  np.testing.assert_allclose(h, one.apply(params, x), rtol=1e-6)
+
+
 def test_conv4_rejects_bad_arguments():
   with pytest.raises(ValueError, match="downsample"):
     models.conv4(5, downsample="avg_pool")
@@ -75,6 +93,9 @@ def test_conv4_rejects_bad_arguments():
                                         jnp.zeros((1, 28, 28, 1)))
   with pytest.raises(ValueError, match="num_outputs"):
     models.conv4(0)
+  for bad in (0, 2.0, True):
+    with pytest.raises(ValueError, match="num_blocks"):
+      models.conv4(5, num_blocks=bad)
 
 
 @pytest.mark.parametrize(
