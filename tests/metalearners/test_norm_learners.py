@@ -75,7 +75,8 @@ def test_support_norm_learners_carry_nothing_and_train_as_they_test(name):
   one of meta-test adaptation and evaluation (the same normalisation in
   both; MAML-family step sizes and step counts are the same in both)."""
   embed = name == "protonet"
-  model = models.conv4(None if embed else 3, features=4, norm="support")
+  model = models.conv4(None if embed else 3, features=4, norm="support",
+                       num_blocks=1)
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     learner = SUPPORT_LEARNERS[name](model)
@@ -106,7 +107,7 @@ def test_support_norm_meta_gradient_flows_through_the_statistics():
   """The queries' normalisation is differentiated through: the MAML
   meta-gradient differs from one that holds the support statistics
   constant."""
-  model = models.conv4(3, features=4, norm="support")
+  model = models.conv4(3, features=4, norm="support", num_blocks=1)
   ep = _episode()
   learner = metalearners.maml(model, 0.4, 1)
   params = jax.jit(learner.init)(jax.random.key(1), ep)

@@ -40,7 +40,7 @@ def _log_softmax_ce(logits, labels):
 
 @pytest.mark.parametrize("head", ["linear", "cosine"])
 def test_meta_grad_is_the_global_heads_cross_entropy_gradient(head):
-  embed = models.conv4(None, features=8, norm="none")
+  embed = models.conv4(None, features=8, num_blocks=1, norm="none")
   learner = metalearners.supervised(embed, 6, train_head=head)
   pool = _pool()
   batch = tasks.batch_sampler(pool, 10).sample(jax.random.key(0), pool)
@@ -48,7 +48,7 @@ def test_meta_grad_is_the_global_heads_cross_entropy_gradient(head):
   episode = batch._replace(query_x=batch.support_x[:3] * 0.5,
                            query_y=jnp.array([5, 0, 2], jnp.int32))
   params = learner.init(jax.random.key(1), episode)
-  assert params.head.weights.shape == (8, 6)
+  assert params.head.weights.shape == (8 * 8 * 8, 6)  # 16px, one block.
   x = jnp.concatenate([episode.support_x, episode.query_x])
   y = jnp.concatenate([episode.support_y, episode.query_y])
 
@@ -73,7 +73,7 @@ def test_meta_grad_is_the_global_heads_cross_entropy_gradient(head):
 
 
 def test_running_statistics_are_carried_from_the_batch():
-  embed = models.conv4(None, features=8, norm="running")
+  embed = models.conv4(None, features=8, num_blocks=1, norm="running")
   learner = metalearners.baseline(embed, 6)
   pool = _pool()
   batch = tasks.batch_sampler(pool, 8).sample(jax.random.key(0), pool)
@@ -179,8 +179,9 @@ def test_adapt_is_deterministic_vmappable_and_masks_absent_slots():
   """RFS's L-BFGS fit (the one with data-dependent loops) under vmap is
   the per-task fit; absent slots get -inf logits."""
   pool = _pool()
-  learner = metalearners.rfs(models.conv4(None, features=8, norm="running"),
-                             6, finetune_steps=10)
+  learner = metalearners.rfs(
+      models.conv4(None, features=8, num_blocks=1, norm="running"), 6,
+      finetune_steps=10)
   sampler = tasks.episode_sampler(pool, num_ways=3, num_shots=2,
                                   num_queries=1)
   eps = tasks.sample_batch(sampler, jax.random.key(0), 2)
@@ -224,7 +225,7 @@ def _finetune_reference(embed, embed_params, head, present, x, y, steps,
 
 
 def test_backbone_finetuning_matches_a_reference_loop():
-  embed = models.conv4(None, features=8, norm="none")
+  embed = models.conv4(None, features=8, num_blocks=1, norm="none")
   pool = _pool()
   episode = _episode(pool, ways=3, shots=2, queries=2)
   frozen = metalearners.baseline(embed, 6, finetune_steps=5)
@@ -258,7 +259,7 @@ def test_backbone_finetuning_fits_the_support_set_and_keeps_meta_params(
     make):
   pool = _pool()
   episode = _episode(pool, ways=3, shots=2, queries=2)
-  embed = models.conv4(None, features=8, norm="running")
+  embed = models.conv4(None, features=8, num_blocks=1, norm="running")
   frozen = make(embed, 6, finetune_steps=5)
   tuned = make(embed, 6, finetune_steps=5, backbone_steps=20,
                backbone_lr=0.05)
@@ -279,7 +280,8 @@ def test_backbone_finetuning_on_augmented_views_is_a_function_of_the_key():
   pool = _pool()
   episode = _episode(pool, ways=3, shots=1, queries=2)
   learner = metalearners.baseline(
-      models.conv4(None, features=8, norm="none"), 6, finetune_steps=5,
+      models.conv4(None, features=8, num_blocks=1, norm="none"), 6,
+      finetune_steps=5,
       backbone_steps=3, backbone_lr=0.05,
       backbone_augment={"apply_to": "both", "flip": {"prob": 0.5},
                         "affine": {"max_rotation": 20.0}})
@@ -315,7 +317,7 @@ def test_distillation_loss_is_the_scaled_kl_divergence(temperature):
 def test_distilled_meta_grad_and_step_train_the_student_alone():
   """The student's gradient is that of 0.5 CE + 0.5 KD against the
   teacher's eval-mode logits; a meta-step leaves the teacher as it is."""
-  embed = models.conv4(None, features=8, norm="running")
+  embed = models.conv4(None, features=8, num_blocks=1, norm="running")
   pool = _pool()
   sampler = tasks.episode_sampler(pool, num_ways=3, num_shots=1,
                                   num_queries=1)
