@@ -20,6 +20,8 @@ from metalearn.types import Episode
 
 PyTree = Any
 
+_INNER = ("proximal", "pull_back")
+
 
 def proximal(anchor: PyTree, reg: float) -> optax.GradientTransformation:
   r"""Adds the gradient of :math:`\tfrac{\lambda}{2}\|\phi - \theta\|^2`.
@@ -102,17 +104,18 @@ def _zero_cotangent(tree: PyTree) -> PyTree:
 
 
 def implicit_solution(model: Model, reg: float, cg_steps: int,
-                      cg_damping: float = 0.0):
+                      cg_damping: float = 0.0, cg_reg_damping: float = 0.0):
   r"""Attaches the implicit meta-gradient to an inner solution.
 
   Returns ``attach(theta, phi, x, y) -> phi``: the identity on ``phi``,
   whose vector-Jacobian product sends a cotangent :math:`g` on ``phi``
-  to :math:`v \approx ((1 + \delta) I + H / \lambda)^{-1} g` on ``theta``
-  (``cg_steps`` of :func:`conjugate_gradient`, :math:`\delta` =
-  ``cg_damping``), :math:`H` the Hessian of the support loss
+  to :math:`v \approx ((1 + \delta) I + H / (\lambda + \mu))^{-1} g` on
+  ``theta`` (``cg_steps`` of :func:`conjugate_gradient`, :math:`\delta` =
+  ``cg_damping``, :math:`\mu` = ``cg_reg_damping``), :math:`H` the Hessian
+  of the support loss
   :math:`L(\phi)` (``task_loss`` of ``model`` on ``(x, y)`` with batch
   statistics) at ``phi``, reached by Hessian-vector products. With
-  :math:`\delta = 0` and an exact solve this is the derivative of the
+  :math:`\delta = \mu = 0` and an exact solve this is the derivative of the
   minimiser :math:`\phi^*(\theta)` of
   :math:`L(\phi) + \tfrac{\lambda}{2}\|\phi - \theta\|^2` (its
   stationarity condition differentiated in :math:`\theta`), whatever path
@@ -123,6 +126,8 @@ def implicit_solution(model: Model, reg: float, cg_steps: int,
     reg: :math:`\lambda > 0`.
     cg_steps: CG iterations.
     cg_damping: :math:`\delta \ge 0`, added to the identity.
+    cg_reg_damping: :math:`\mu \ge 0`, added to :math:`\lambda` where it
+      divides the Hessian.
 
   Returns:
     ``attach``; ``x``, ``y`` and ``phi`` get zero cotangents.
@@ -150,8 +155,9 @@ def implicit_solution(model: Model, reg: float, cg_steps: int,
       # convolution of metalearn.models (_conv.py).
       hv = jax.grad(lambda p: optax.tree_utils.tree_vdot(grad(p, x, y), v))(
           phi)
-      return jax.tree.map(lambda v, hv: (1.0 + cg_damping) * v + hv / reg,
-                          v, hv)
+      return jax.tree.map(
+          lambda v, hv: (1.0 + cg_damping) * v + hv / (reg + cg_reg_damping),
+          v, hv)
 
     v = conjugate_gradient(matvec, g, cg_steps)
     return v, *_zero_cotangent((phi, x, y))
@@ -168,6 +174,8 @@ def imaml(
     reg: float = 2.0,
     cg_steps: int = 5,
     cg_damping: float = 0.0,
+    cg_reg_damping: float = 0.0,
+    inner: str = "proximal",
     eval_inner_lr: float | None = None,
     eval_num_inner_steps: int | None = None,
     eval_reg: float | None = None,
@@ -217,9 +225,20 @@ def imaml(
     cg_steps: conjugate-gradient iterations for the meta-gradient
       (theirs: 5), at least 1.
     cg_damping: :math:`\delta \ge 0`, solve :math:`((1 + \delta) I +
-      H/\lambda) v = g` instead: a better-conditioned, biased solve.
-      Their code's ``--cg_damping`` plays this role (it also divides
-      :math:`H` by :math:`\lambda + 10`); 0 is the paper's equation.
+      H/(\lambda + \mu)) v = g` instead: a better-conditioned, biased
+      solve, closer to the first-order gradient. The authors' code's
+      ``--cg_damping`` (1.0 in their Omniglot command); 0 is the paper's
+      equation.
+    cg_reg_damping: :math:`\mu \ge 0` in that solve (their code's
+      ``lam_damping``, fixed at 10); 0 is the paper's equation.
+    inner: ``"proximal"`` (the paper's algorithm): every inner step
+      descends the proximal objective. ``"pull_back"`` (the authors'
+      released code): the inner steps descend the support loss alone, then
+      one step of ``inner_lr`` on the proximal term alone pulls
+      :math:`\phi` back to :math:`\theta + (1 - \alpha\lambda)(\phi -
+      \theta)`; the meta-gradient is taken at that point as for
+      ``"proximal"``. At meta-test, with ``eval_reg=0`` the two are the
+      same plain gradient descent.
     eval_inner_lr: the step size at meta-test time (default ``inner_lr``).
     eval_num_inner_steps: inner steps at meta-test time (default
       ``num_inner_steps``).
@@ -264,18 +283,29 @@ def imaml(
     raise ValueError(f"cg_steps must be an int >= 1, got {cg_steps!r}")
   if not cg_damping >= 0:
     raise ValueError(f"cg_damping must be >= 0, got {cg_damping}")
-  attach = implicit_solution(model, reg, cg_steps, cg_damping)
+  if not cg_reg_damping >= 0:
+    raise ValueError(f"cg_reg_damping must be >= 0, got {cg_reg_damping}")
+  if inner not in _INNER:
+    raise ValueError(f"inner must be one of {_INNER}, got {inner!r}")
+  attach = implicit_solution(model, reg, cg_steps, cg_damping,
+                             cg_reg_damping)
 
-  def inner(params, model_state, episode: Episode, key,
+  def adapt(params, model_state, episode: Episode, key,
             training: bool) -> InnerResult:
     del key
     theta = jax.lax.stop_gradient(params)
     lam, lr, steps = ((reg, inner_lr, num_inner_steps) if training else
                       (eval_reg, eval_inner_lr, eval_num_inner_steps))
-    tx = optax.chain(proximal(theta, lam), optax.sgd(lr))
+    pull_back = inner == "pull_back"
+    tx = optax.sgd(lr)
+    if not pull_back:
+      tx = optax.chain(proximal(theta, lam), tx)
     result = inner_optimize(
         model, tx, theta, episode.support_x, episode.support_y,
         num_steps=steps, model_state=model_state, training=training)
+    if pull_back:
+      result = result._replace(params=jax.tree.map(
+          lambda p, t: t + (1.0 - lr * lam) * (p - t), result.params, theta))
     if not training:
       return result
     # The model state the inner steps moved (running statistics) takes no
@@ -285,4 +315,4 @@ def imaml(
                  episode.support_y)
     return result._replace(params=phi)
 
-  return adaptation_learner(model, _init(model), inner)
+  return adaptation_learner(model, _init(model), adapt)

@@ -102,8 +102,9 @@ def test_meta_grad_is_the_closed_form_on_a_quadratic_problem():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(reg=2.0), dict(cg_steps=1), dict(cg_damping=0.5)],
-    ids=["wrong_reg", "one_cg_step", "damped"],
+    [dict(reg=2.0), dict(cg_steps=1), dict(cg_damping=0.5),
+     dict(cg_reg_damping=1.0), dict(inner="pull_back")],
+    ids=["wrong_reg", "one_cg_step", "damped", "reg_damped", "pull_back"],
 )
 def test_other_settings_give_other_gradients(kwargs):
   model, episode, theta, exact = _closed_form_grad(REG)
@@ -148,6 +149,38 @@ def test_meta_grad_matches_dense_solve_and_unrolled_steps():
                              atol=1e-5)
   # Not the first-order gradient at phi: the Hessian term counts.
   assert float(jnp.abs(got - first_order).max()) > 1e-3
+
+
+def test_pull_back_is_the_authors_inner_loop_and_damped_solve():
+  """``inner="pull_back"`` with ``cg_damping``, ``cg_reg_damping``: plain
+  gradient descent, one step on the proximal term, and the meta-gradient
+  ``((1 + d) I + H / (reg + m))^{-1} g`` at that point (a dense solve)."""
+  model, episode = _linear(), _episode(classification=True)
+  theta, flat, unravel, support, query = _losses(model, episode)
+  lr, steps, damping, reg_damping = 0.1, 5, 1.0, 10.0
+  learner = metalearners.imaml(
+      model, lr, steps, reg=REG, cg_steps=flat.size, cg_damping=damping,
+      cg_reg_damping=reg_damping, inner="pull_back")
+  got = _implicit_grad(learner, theta, episode)
+
+  @jax.jit
+  def references(theta):
+    adapted = ravel_pytree(learner.adapt(theta, episode, None))[0]
+    plain = metalearners.inner_optimize(
+        model, optax.sgd(lr), theta, episode.support_x, episode.support_y,
+        num_steps=steps).params
+    pulled = flat + (1.0 - lr * REG) * (ravel_pytree(plain)[0] - flat)
+    system = ((1.0 + damping) * jnp.eye(flat.size)
+              + jax.hessian(support)(pulled) / (REG + reg_damping))
+    return adapted, pulled, jnp.linalg.solve(system, jax.grad(query)(pulled))
+
+  adapted, pulled, dense = references(theta)
+  np.testing.assert_allclose(adapted, pulled, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(got, dense, atol=1e-6)
+  # The proximal inner loop ends elsewhere.
+  proximal = metalearners.imaml(model, lr, steps, reg=REG)
+  assert not np.allclose(
+      ravel_pytree(jax.jit(proximal.adapt)(theta, episode, None))[0], adapted)
 
 
 def test_conjugate_gradient_solves_and_stops_at_negative_curvature():
@@ -211,9 +244,12 @@ def test_memory_does_not_grow_with_inner_steps():
         (dict(eval_reg=-1.0), "eval_reg must be >= 0"),
         (dict(cg_steps=0), "cg_steps must be an int >= 1"),
         (dict(cg_damping=-0.1), "cg_damping must be >= 0"),
+        (dict(cg_reg_damping=-1.0), "cg_reg_damping must be >= 0"),
+        (dict(inner="newton"), "inner must be one of"),
         (dict(inner_lr=0.0), "inner_lr must be > 0"),
     ],
-    ids=["reg", "eval_reg", "cg_steps", "cg_damping", "inner_lr"],
+    ids=["reg", "eval_reg", "cg_steps", "cg_damping", "cg_reg_damping",
+         "inner", "inner_lr"],
 )
 def test_bad_arguments_raise(kwargs, message):
   with pytest.raises(ValueError, match=message):
