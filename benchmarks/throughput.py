@@ -74,12 +74,13 @@ LEARNERS = {
     "protonet": ("ProtoNet", lambda: metalearners.protonet(
         models.conv4(None))),
     # The learners added by the meta-gradient issue, at their experiment
-    # files' settings: iMAML's 16 proximal steps and 5 conjugate-gradient
-    # steps (omniglot_5w1s_imaml), the in-context transformer's 2 blocks of
-    # width 128 (omniglot_5w1s_incontext).
+    # files' settings: iMAML's 16 inner steps, pull-back and 5 damped
+    # conjugate-gradient steps (omniglot_5w1s_imaml), the in-context
+    # transformer's 2 blocks of width 128 (omniglot_5w1s_incontext).
     "imaml": ("iMAML k=16, 5 CG steps", lambda: metalearners.imaml(
         models.conv4(5), inner_lr=0.1, num_inner_steps=16, reg=2.0,
-        cg_steps=5)),
+        cg_steps=5, inner="pull_back", cg_damping=1.0,
+        cg_reg_damping=10.0)),
     "incontext": ("In-context transformer", lambda: metalearners.in_context(
         models.conv4(None, norm="running"), max_ways=5)),
     # Supervised pretraining (Baseline, Baseline++ and RFS train alike): a
