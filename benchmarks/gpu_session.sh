@@ -44,9 +44,11 @@ STATE=${STATE:-.devruns}
 # within-alphabet episodes; its experiment file's CPU schedule stretched to
 # 20000 steps, the rate halved every 2000 as Snell et al.), the population
 # throughput, and the in-context learner's full schedules (its CPU rows ran
-# a tenth and a twentieth of them). iMAML's 5w1s run was started on the CPU
-# (2026-12-05): to continue it here, put that run directory, its last
-# checkpoint only, at $STATE/omniglot_5w1s_imaml/omniglot_5w1s_imaml.
+# a tenth and a twentieth of them). iMAML's 5w1s run in the authors' form
+# (the experiment file's since 2026-12-05) was started on the CPU: to
+# continue it here, put that run directory, its last checkpoint only, at
+# $STATE/omniglot_5w1s_imaml/omniglot_5w1s_imaml. (The earlier CPU run, in
+# the paper's form, did not train: do not continue it.)
 DEFAULT_JOBS="row:omniglot_5w1s_maml:model.norm=support
   row:omniglot_5w1s_r2d2 row:omniglot_20w1s_r2d2
   row:omniglot_5w1s_metasgd row:omniglot_20w1s_maml row:omniglot_20w1s_anil
