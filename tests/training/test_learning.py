@@ -90,6 +90,45 @@ def test_maml_omniglot_5way_1shot(omniglot_finn):
   assert result["outer/accuracy"] > 0.90, result
 
 
+def test_imaml_omniglot_5way_1shot(omniglot_finn):
+  """iMAML in its experiment files' form (the authors' code: pull-back
+  inner loop, damped solve) lifts 5-way 1-shot accuracy from 36% to above
+  60% on Finn et al.'s test split.
+
+  A short schedule: 24 filters, 8 inner steps (16 in the experiment
+  files), 200 meta-steps of 8 tasks, Adam 5e-3 with epsilon 1e-3.
+  Measured: 64.8% +- 1.8% (200 episodes; 36.0% after one meta-step), 50 s
+  wall on the shared 2-core machine; 68.7% after 400 meta-steps. The
+  paper's form (proximal inner loop, undamped solve) reached 59.6% on the
+  same schedule.
+  """
+  train = tasks.episode_sampler(
+      omniglot_finn.train, num_ways=5, num_shots=1, num_queries=1
+  )
+  test = tasks.episode_sampler(
+      omniglot_finn.test, num_ways=5, num_shots=1, num_queries=5
+  )
+  learner = metalearners.imaml(
+      models.conv4(5, features=24, downsample="stride"),
+      inner_lr=0.1,
+      num_inner_steps=8,
+      reg=2.0,
+      cg_steps=5,
+      inner="pull_back",
+      cg_damping=1.0,
+      cg_reg_damping=10.0,
+      eval_reg=0.0,
+  )
+  meta_params = _meta_train(
+      learner, optax.adam(5e-3, eps=1e-3), train, num_steps=200,
+      meta_batch_size=8,
+  )
+  result = training.evaluate(
+      learner, meta_params, test, EVAL_KEY, num_episodes=200
+  )
+  assert result["outer/accuracy"] > 0.60, result
+
+
 def test_maml_sinusoid_beats_pretrained_baseline():
   """After 10 inner steps on 10 shots, MAML's MSE is far below that of a
   regressor pretrained on all tasks and fine-tuned the same way.
