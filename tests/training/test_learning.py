@@ -35,6 +35,18 @@ def _meta_train(
   return state.meta_params
 
 
+def _five_way_one_shot(dataset, train_queries):
+  """5-way 1-shot samplers of ``dataset``'s training split (with
+  ``train_queries`` per class) and test split (5 queries per class)."""
+  train = tasks.episode_sampler(
+      dataset.train, num_ways=5, num_shots=1, num_queries=train_queries
+  )
+  test = tasks.episode_sampler(
+      dataset.test, num_ways=5, num_shots=1, num_queries=5
+  )
+  return train, test
+
+
 def test_protonet_omniglot_5way_1shot(omniglot):
   """ProtoNet beats 90% on the Vinyals test split after 150 meta-steps.
 
@@ -69,12 +81,7 @@ def test_maml_omniglot_5way_1shot(omniglot_finn):
   exploration with other seeds, 92% at 750 steps and 92.5% at 1000. On
   the Vinyals split (with rotations) the same schedule gets only ~90%.
   """
-  train = tasks.episode_sampler(
-      omniglot_finn.train, num_ways=5, num_shots=1, num_queries=5
-  )
-  test = tasks.episode_sampler(
-      omniglot_finn.test, num_ways=5, num_shots=1, num_queries=5
-  )
+  train, test = _five_way_one_shot(omniglot_finn, train_queries=5)
   learner = metalearners.maml(
       models.conv4(5, features=24, downsample="stride"),
       inner_lr=0.4,
@@ -102,12 +109,7 @@ def test_imaml_omniglot_5way_1shot(omniglot_finn):
   paper's form (proximal inner loop, undamped solve) reached 59.6% on the
   same schedule.
   """
-  train = tasks.episode_sampler(
-      omniglot_finn.train, num_ways=5, num_shots=1, num_queries=1
-  )
-  test = tasks.episode_sampler(
-      omniglot_finn.test, num_ways=5, num_shots=1, num_queries=5
-  )
+  train, test = _five_way_one_shot(omniglot_finn, train_queries=1)
   learner = metalearners.imaml(
       models.conv4(5, features=24, downsample="stride"),
       inner_lr=0.1,
