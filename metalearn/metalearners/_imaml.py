@@ -289,6 +289,7 @@ def imaml(
     raise ValueError(f"inner must be one of {_INNER}, got {inner!r}")
   attach = implicit_solution(model, reg, cg_steps, cg_damping,
                              cg_reg_damping)
+  pull_back = inner == "pull_back"
 
   def adapt(params, model_state, episode: Episode, key,
             training: bool) -> InnerResult:
@@ -296,7 +297,6 @@ def imaml(
     theta = jax.lax.stop_gradient(params)
     lam, lr, steps = ((reg, inner_lr, num_inner_steps) if training else
                       (eval_reg, eval_inner_lr, eval_num_inner_steps))
-    pull_back = inner == "pull_back"
     tx = optax.sgd(lr)
     if not pull_back:
       tx = optax.chain(proximal(theta, lam), tx)
