@@ -43,19 +43,19 @@ STATE=${STATE:-.devruns}
 # row, ProtoNet on the Omniglot challenge protocol (Lake et al.'s split,
 # within-alphabet episodes; its experiment file's CPU schedule stretched to
 # 20000 steps, the rate halved every 2000 as Snell et al.), the population
-# throughput, and the in-context learner's 20-way full schedule (its CPU
-# row ran a twentieth of it; the 5-way schedule ran whole on the CPU).
+# throughput, and ProtoNet on the in-context learner's 20-way schedule (the
+# in-context rows ran whole on the CPU; ProtoNet on the 5-way one did too).
 # iMAML's 5w1s run in the authors' form (the experiment file's since
-# 2026-12-05) was started on the CPU: to continue it here, put that run
-# directory, its last checkpoint only, at
-# $STATE/omniglot_5w1s_imaml/omniglot_5w1s_imaml. (The earlier CPU run, in
-# the paper's form, did not train: do not continue it.)
+# 2026-12-05) reached 6200 of 20000 steps on the CPU, but its checkpoints
+# did not outlive that machine: the row starts afresh. (The earlier CPU
+# run, in the paper's form, did not train.)
 DEFAULT_JOBS="row:omniglot_5w1s_maml:model.norm=support
   row:omniglot_5w1s_r2d2 row:omniglot_20w1s_r2d2
   row:omniglot_5w1s_metasgd row:omniglot_20w1s_maml row:omniglot_20w1s_anil
   row:omniglot_5w5s_maml row:omniglot_20w1s_metasgd row:omniglot_5w1s_imaml
   row:omniglot_lake_20w1s_protonet:trainer.num_steps=20000:optimizer.learning_rate.transition_steps=2000
-  population row:omniglot_20w1s_incontext"
+  population
+  row:omniglot_20w1s_incontext:learner=protonet:~learner.max_ways:~learner.dim:~learner.depth:~learner.num_heads:~learner.mlp_ratio:~learner.permute_labels:name=omniglot_20w1s_incontext-schedule_protonet"
 JOBS=${JOBS:-$DEFAULT_JOBS}
 mkdir -p "$OUTDIR"
 W=$(mktemp -d)
