@@ -385,7 +385,11 @@ def test_remat_changes_memory_not_results(batch_size):
 
   def outer(params, remat):
     # 5 steps: "nested" runs one chunk of 3, then the remaining 2.
-    result = inner_optimize(model, optax.adam(0.1), params, ep.support_x,
+    # Momentum, so the carry holds optimiser state; not Adam, whose
+    # rescaling turns float32 rounding in near-zero gradients into whole
+    # steps (and XLA:CPU's summation order varies from run to run).
+    result = inner_optimize(model, optax.sgd(0.1, momentum=0.9), params,
+                            ep.support_x,
                             ep.support_y, num_steps=5, model_state=state,
                             mask="head", remat=remat, batch_size=batch_size,
                             key=jax.random.key(5))
@@ -405,7 +409,7 @@ def test_remat_changes_memory_not_results(batch_size):
   for remat in (True, "nested") if batch_size is None else ("nested",):
     # Recomputed steps may fuse differently: equal up to float32 rounding.
     chex.assert_trees_all_close(plain(params, remat), want, rtol=1e-4,
-                                atol=1e-6)
+                                atol=1e-5)
     # The rematerialised step is a checkpoint in the program; without it,
     # there is none.
     assert "checkpoint" in jaxpr(remat) or "remat" in jaxpr(remat)
