@@ -390,8 +390,8 @@ def test_remat_changes_memory_not_results(batch_size):
     # steps (and XLA:CPU's summation order varies from run to run).
     result = inner_optimize(model, optax.sgd(0.1, momentum=0.9), params,
                             ep.support_x, ep.support_y, num_steps=5,
-                            model_state=state, mask="head", remat=remat, batch_size=batch_size,
-                            key=jax.random.key(5))
+                            model_state=state, mask="head", remat=remat,
+                            batch_size=batch_size, key=jax.random.key(5))
     out, _ = models.forward(model, result.params, result.model_state,
                             ep.query_x, training=True)
     return metalearners.task_loss(out, ep.query_y)[0]
